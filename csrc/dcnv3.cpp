@@ -1,0 +1,151 @@
+// Schemas of the DCNv3 operator, argument checks shared by every backend, the autocast
+// policy, and the Python module shim that loads the library.
+#include <Python.h>
+
+#include <ATen/autocast_mode.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "dcnv3.h"
+
+namespace internimage {
+namespace {
+
+void check_pair(at::IntArrayRef values, const char* name, int64_t minimum) {
+  TORCH_CHECK(values.size() == 2, "dcnv3: ", name, " must have 2 values (h, w), got ",
+              values.size());
+  TORCH_CHECK(values[0] >= minimum && values[1] >= minimum, "dcnv3: ", name,
+              " must be >= ", minimum, ", got (", values[0], ", ", values[1], ")");
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.dim() == 4, "dcnv3: ", name, " must be 4-D (N, H, W, C), got ", t.dim(),
+              "-D with shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "dcnv3: ", name,
+              " must have the input's dtype ", input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "dcnv3: ", name,
+              " must be on the input's device ", input.device(), ", got ", t.device());
+}
+
+void check_shape(const at::Tensor& t, const char* name, int64_t n, int64_t h, int64_t w,
+                 int64_t c) {
+  TORCH_CHECK(t.size(0) == n && t.size(1) == h && t.size(2) == w && t.size(3) == c, "dcnv3: ",
+              name, " must have shape (", n, ", ", h, ", ", w, ", ", c, "), got ", t.sizes());
+}
+
+}  // namespace
+
+Dcnv3Geometry check_dcnv3_args(const at::Tensor& input, const at::Tensor& offset,
+                               const at::Tensor& mask, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t group, int64_t group_channels,
+                               double offset_scale, bool remove_center) {
+  TORCH_CHECK(input.dim() == 4, "dcnv3: input must be 4-D (N, H, W, C), got ", input.dim(),
+              "-D with shape ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "dcnv3: input must be a floating-point tensor, got ", input.scalar_type());
+  check_tensor(offset, "offset", input);
+  check_tensor(mask, "mask", input);
+  check_pair(kernel_size, "kernel_size", 1);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK(group >= 1, "dcnv3: group must be >= 1, got ", group);
+  TORCH_CHECK(group_channels >= 1, "dcnv3: group_channels must be >= 1, got ", group_channels);
+  TORCH_CHECK(input.size(3) == group * group_channels,
+              "dcnv3: input channels must equal group * group_channels = ", group, " * ",
+              group_channels, " = ", group * group_channels, ", got ", input.size(3));
+  TORCH_CHECK(std::isfinite(offset_scale), "dcnv3: offset_scale must be finite, got ",
+              offset_scale);
+
+  Dcnv3Geometry g;
+  g.batch = input.size(0);
+  g.height_in = input.size(1);
+  g.width_in = input.size(2);
+  g.kernel_h = static_cast<int>(kernel_size[0]);
+  g.kernel_w = static_cast<int>(kernel_size[1]);
+  g.stride_h = static_cast<int>(stride[0]);
+  g.stride_w = static_cast<int>(stride[1]);
+  g.pad_h = static_cast<int>(padding[0]);
+  g.pad_w = static_cast<int>(padding[1]);
+  g.dilation_h = static_cast<int>(dilation[0]);
+  g.dilation_w = static_cast<int>(dilation[1]);
+  g.group = static_cast<int>(group);
+  g.group_channels = static_cast<int>(group_channels);
+  g.remove_center = remove_center;
+  g.offset_scale = offset_scale;
+  TORCH_CHECK(g.height_in >= 1 && g.width_in >= 1,
+              "dcnv3: input height and width must be >= 1, got (", g.height_in, ", ",
+              g.width_in, ")");
+  TORCH_CHECK(!remove_center || kernel_size[0] * kernel_size[1] > 1,
+              "dcnv3: remove_center needs a kernel with more than one tap, got kernel_size (",
+              kernel_size[0], ", ", kernel_size[1], ")");
+  g.points = g.kernel_h * g.kernel_w - (remove_center ? 1 : 0);
+  g.height_out = dcnv3_output_size(g.height_in, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+  g.width_out = dcnv3_output_size(g.width_in, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+  TORCH_CHECK(g.height_out >= 1 && g.width_out >= 1,
+              "dcnv3: output size must be >= 1, got (", g.height_out, ", ", g.width_out,
+              ") from input (", g.height_in, ", ", g.width_in, "), kernel_size ", kernel_size,
+              ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
+  check_shape(offset, "offset", g.batch, g.height_out, g.width_out,
+              static_cast<int64_t>(g.group) * g.points * 2);
+  check_shape(mask, "mask", g.batch, g.height_out, g.width_out,
+              static_cast<int64_t>(g.group) * g.points);
+  return g;
+}
+
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
+                       const Dcnv3Geometry& g) {
+  check_tensor(grad_output, "grad_output", input);
+  check_shape(grad_output, "grad_output", g.batch, g.height_out, g.width_out, g.channels());
+}
+
+namespace {
+
+// Under autocast the op runs in the autocast dtype: float32 input, offset and mask are cast
+// to it (float64 stays float64), and the kernels accumulate in float32.
+template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
+at::Tensor dcnv3_autocast(const at::Tensor& input, const at::Tensor& offset,
+                          const at::Tensor& mask, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t group, int64_t group_channels,
+                          double offset_scale, bool remove_center) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
+  const auto dtype = at::autocast::get_autocast_dtype(Device);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("internimage::dcnv3", "")
+                       .typed<decltype(dcnv3_autocast<AutocastKey, Device>)>();
+  return op.call(at::autocast::cached_cast(dtype, input, Device),
+                 at::autocast::cached_cast(dtype, offset, Device),
+                 at::autocast::cached_cast(dtype, mask, Device), kernel_size, stride, padding,
+                 dilation, group, group_channels, offset_scale, remove_center);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(internimage, m) {
+  m.def(
+      "dcnv3(Tensor input, Tensor offset, Tensor mask, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int group, int group_channels, float offset_scale, "
+      "bool remove_center) -> Tensor");
+  m.def(
+      "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
+      "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(internimage, AutocastCPU, m) {
+  m.impl("dcnv3", &dcnv3_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(internimage, AutocastCUDA, m) {
+  m.impl("dcnv3", &dcnv3_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
+}
+
+}  // namespace internimage
+
+// Importing internimage._C runs the static registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,22 @@
+// Argument checking shared by every backend of the DCNv3 operator.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "dcnv3_math.h"
+
+namespace internimage {
+
+// Checks ranks, sizes, dtypes and devices of one call and returns its geometry.
+// Every failure is a TORCH_CHECK that names the argument, the expected and the actual value.
+Dcnv3Geometry check_dcnv3_args(const at::Tensor& input, const at::Tensor& offset,
+                               const at::Tensor& mask, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t group, int64_t group_channels,
+                               double offset_scale, bool remove_center);
+
+// Checks that grad_output has the forward output's shape, dtype and device.
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
+                       const Dcnv3Geometry& geometry);
+
+}  // namespace internimage
