@@ -77,6 +77,11 @@ Dcnv3Geometry check_dcnv3_args(const at::Tensor& input, const at::Tensor& offset
   TORCH_CHECK(g.height_in >= 1 && g.width_in >= 1,
               "dcnv3: input height and width must be >= 1, got (", g.height_in, ", ",
               g.width_in, ")");
+  // Sampling coordinates are floored through int32 (see floor_to_int).
+  constexpr int64_t max_side = (int64_t{1} << 30);
+  TORCH_CHECK(g.height_in <= max_side && g.width_in <= max_side,
+              "dcnv3: input height and width must be <= 2^30, got (", g.height_in, ", ",
+              g.width_in, ")");
   TORCH_CHECK(!remove_center || kernel_size[0] * kernel_size[1] > 1,
               "dcnv3: remove_center needs a kernel with more than one tap, got kernel_size (",
               kernel_size[0], ", ", kernel_size[1], ")");

@@ -20,19 +20,21 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DCNV3_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+// Forced so that the helpers inline into the CPU kernels' AVX2/AVX-512 versions too.
+#define DCNV3_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define DCNV3_HOST_DEVICE inline
 #endif
 
 namespace internimage {
 
+// floor() for |v| < 2^31 (callers clamp first): truncate, then step down for negative
+// non-integers. Unlike std::floor it vectorises without -ffast-math.
 template <typename T>
-DCNV3_HOST_DEVICE T floor_of(T v) {
-#if defined(__CUDA_ARCH__)
-  return ::floor(v);
-#else
-  return std::floor(v);
-#endif
+DCNV3_HOST_DEVICE int32_t floor_to_int(T v) {
+  const int32_t truncated = static_cast<int32_t>(v);
+  return truncated - static_cast<int32_t>(static_cast<T>(truncated) > v);
 }
 
 // Geometry of one DCNv3 call; every kernel derives its indexing from this.
@@ -96,10 +98,62 @@ DCNV3_HOST_DEVICE void sampling_location(const Dcnv3Geometry& g, int64_t h_out, 
   loc_y = centre_y + (dy + off_y) * scale;
 }
 
-// The four bilinear corners of one sample and their weights.
+// Corners of one sample, branch-free (so a loop over samples vectorises): returns a bit set
+// with bit k set when corner k lies inside the image, and 0 when the whole sample is skipped.
 // Corner k: 0 = (y0, x0), 1 = (y0, x0 + 1), 2 = (y0 + 1, x0), 3 = (y0 + 1, x0 + 1).
-// pixel[k] is the flat pixel index y * W_in + x, or -1 for a corner outside the image
-// (which reads as zero and receives no gradient).
+// y0/x0 are the top-left corner, frac_y/frac_x = loc - floor(loc).
+template <typename T>
+DCNV3_HOST_DEVICE unsigned sample_corners(T loc_y, T loc_x, int64_t height, int64_t width,
+                                          int64_t& y0, int64_t& x0, T& frac_y, T& frac_x) {
+  // Written so that NaN fails the test; bitwise & keeps the function free of branches.
+  const bool inside = (loc_y > static_cast<T>(-1)) & (loc_x > static_cast<T>(-1)) &
+                      (loc_y < static_cast<T>(height)) & (loc_x < static_cast<T>(width));
+  // Clamp (NaN goes to -2) so the integer conversions below stay defined for skipped samples.
+  loc_y = loc_y > static_cast<T>(-2) ? loc_y : static_cast<T>(-2);
+  loc_x = loc_x > static_cast<T>(-2) ? loc_x : static_cast<T>(-2);
+  loc_y = loc_y < static_cast<T>(height) ? loc_y : static_cast<T>(height);
+  loc_x = loc_x < static_cast<T>(width) ? loc_x : static_cast<T>(width);
+  const int32_t y_floor = floor_to_int(loc_y);
+  const int32_t x_floor = floor_to_int(loc_x);
+  y0 = y_floor;
+  x0 = x_floor;
+  frac_y = loc_y - static_cast<T>(y_floor);
+  frac_x = loc_x - static_cast<T>(x_floor);
+  const unsigned y0_in = y0 >= 0, y1_in = y0 + 1 < height;
+  const unsigned x0_in = x0 >= 0, x1_in = x0 + 1 < width;
+  const unsigned bits =
+      (y0_in & x0_in) | (y0_in & x1_in) << 1 | (y1_in & x0_in) << 2 | (y1_in & x1_in) << 3;
+  return bits & (0u - static_cast<unsigned>(inside));
+}
+
+// Bilinear weights of the four corners (same order as sample_corners).
+template <typename T>
+DCNV3_HOST_DEVICE void bilinear_weights(T frac_y, T frac_x, T weight[4]) {
+  const T hy = static_cast<T>(1) - frac_y, hx = static_cast<T>(1) - frac_x;
+  weight[0] = hy * hx;
+  weight[1] = hy * frac_x;
+  weight[2] = frac_y * hx;
+  weight[3] = frac_y * frac_x;
+}
+
+// Derivatives of the four bilinear weights with respect to the sample's x and y location,
+// so that d(bilinear)/dx = sum_k d_dx[k] * value_k (same corner order as sample_corners).
+template <typename T>
+DCNV3_HOST_DEVICE void bilinear_weight_gradients(T frac_y, T frac_x, T d_dx[4], T d_dy[4]) {
+  const T hy = static_cast<T>(1) - frac_y, hx = static_cast<T>(1) - frac_x;
+  d_dx[0] = -hy;
+  d_dx[1] = hy;
+  d_dx[2] = -frac_y;
+  d_dx[3] = frac_y;
+  d_dy[0] = -hx;
+  d_dy[1] = -frac_x;
+  d_dy[2] = hx;
+  d_dy[3] = frac_x;
+}
+
+// The four bilinear corners of one sample and their weights.
+// pixel[k] is the flat pixel index y * W_in + x of corner k, or -1 for a corner outside the
+// image (which reads as zero and receives no gradient).
 template <typename T>
 struct BilinearSample {
   int64_t pixel[4];
@@ -111,29 +165,16 @@ struct BilinearSample {
 template <typename T>
 DCNV3_HOST_DEVICE bool bilinear_sample(T loc_y, T loc_x, int64_t height, int64_t width,
                                        BilinearSample<T>& s) {
-  // Written so that NaN fails the test.
-  if (!(loc_y > static_cast<T>(-1) && loc_x > static_cast<T>(-1) &&
-        loc_y < static_cast<T>(height) && loc_x < static_cast<T>(width))) {
-    return false;
-  }
-  const T y_floor = floor_of(loc_y);
-  const T x_floor = floor_of(loc_x);
-  const int64_t y0 = static_cast<int64_t>(y_floor);
-  const int64_t x0 = static_cast<int64_t>(x_floor);
-  const T ly = loc_y - y_floor, lx = loc_x - x_floor;
-  const T hy = static_cast<T>(1) - ly, hx = static_cast<T>(1) - lx;
-  s.frac_y = ly;
-  s.frac_x = lx;
-  s.weight[0] = hy * hx;
-  s.weight[1] = hy * lx;
-  s.weight[2] = ly * hx;
-  s.weight[3] = ly * lx;
-  const bool y0_in = y0 >= 0, y1_in = y0 + 1 < height;
-  const bool x0_in = x0 >= 0, x1_in = x0 + 1 < width;
-  s.pixel[0] = (y0_in && x0_in) ? y0 * width + x0 : -1;
-  s.pixel[1] = (y0_in && x1_in) ? y0 * width + x0 + 1 : -1;
-  s.pixel[2] = (y1_in && x0_in) ? (y0 + 1) * width + x0 : -1;
-  s.pixel[3] = (y1_in && x1_in) ? (y0 + 1) * width + x0 + 1 : -1;
+  int64_t y0, x0;
+  const unsigned corners = sample_corners(loc_y, loc_x, height, width, y0, x0, s.frac_y,
+                                          s.frac_x);
+  if (corners == 0u) return false;
+  bilinear_weights(s.frac_y, s.frac_x, s.weight);
+  const int64_t base = y0 * width + x0;
+  s.pixel[0] = (corners & 1u) ? base : -1;
+  s.pixel[1] = (corners & 2u) ? base + 1 : -1;
+  s.pixel[2] = (corners & 4u) ? base + width : -1;
+  s.pixel[3] = (corners & 8u) ? base + width + 1 : -1;
   return true;
 }
 

@@ -190,6 +190,7 @@ def dcnv3(
     Returns:
         ``(N, H_out, W_out, group * group_channels)`` in the input's dtype.
     """
+    input, offset, mask = _autocast_inputs(input, offset, mask)
     kernel, strides, pads, dilations, _, _ = _check_args(
         input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
         offset_scale, remove_center,
@@ -206,15 +207,38 @@ def dcnv3(
     )
 
 
-def _has_kernel_for(device: torch.device) -> bool:
-    if _EXTENSION_ERROR is not None:
-        return False
-    if device.type == "meta":
-        return True  # the fake kernel answers
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "internimage::dcnv3", key
+def _autocast_inputs(input: Tensor, offset: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+    """Autocast policy (the compiled op applies the same one): inside an autocast region, the
+    float32 tensors among input, offset and mask are cast to the autocast dtype, so the op
+    runs in bfloat16/float16 with float32 accumulation; float64 is left alone."""
+    tensors = (input, offset, mask)
+    if not isinstance(input, Tensor) or input.device.type not in ("cpu", "cuda"):
+        return tensors
+    if not torch.is_autocast_enabled(input.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(input.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors
     )
+
+
+def _kernel_device_types() -> frozenset[str]:
+    """Device types the compiled op has kernels for (read once: torch.compile cannot trace it)."""
+    if _EXTENSION_ERROR is not None:
+        return frozenset()
+    keys = {"cpu": "CPU", "cuda": "CUDA"}
+    return frozenset(
+        device
+        for device, key in keys.items()
+        if torch._C._dispatch_has_kernel_for_dispatch_key("internimage::dcnv3", key)
+    ) | {"meta"}  # the fake kernel answers for meta tensors
+
+
+_KERNEL_DEVICE_TYPES = _kernel_device_types()
+
+
+def _has_kernel_for(device: torch.device) -> bool:
+    return device.type in _KERNEL_DEVICE_TYPES
 
 
 def _warn_fallback(device: torch.device) -> None:
@@ -341,4 +365,17 @@ if _EXTENSION_ERROR is None:
 
     torch.library.register_autograd(
         "internimage::dcnv3", _backward, setup_context=_setup_context
+    )
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "dcnv3: double backward (gradients of gradients) is not supported; "
+            "use torch.func or finite differences on dcnv3_reference instead"
+        )
+
+    def _no_setup(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(
+        "internimage::dcnv3_backward", _no_double_backward, setup_context=_no_setup
     )

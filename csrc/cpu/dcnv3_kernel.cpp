@@ -22,144 +22,356 @@
 namespace internimage {
 namespace {
 
-// Corner pointers and mask-folded weights of one sample for one group; corners outside
-// the image point at a row of zeros so the channel loops need no branch.
-template <typename scalar_t, typename acc_t>
-struct GroupCorners {
-  const scalar_t* value[4];
-  acc_t weight[4];
+#if defined(__GNUC__) || defined(__clang__)
+#define DCNV3_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define DCNV3_ALWAYS_INLINE inline
+#endif
+
+// Channel buffer of one group: a fixed-size array when group_channels is known at compile
+// time (GC > 0, the common 16 and 32, kept in registers), else a heap buffer.
+template <typename T, int GC>
+struct ChannelBuffer {
+  T data[GC];
+  explicit ChannelBuffer(int) {}
+  T* get() { return data; }
 };
 
-template <typename scalar_t, typename acc_t>
-inline void set_corners(GroupCorners<scalar_t, acc_t>& corners, const BilinearSample<acc_t>& s,
-                        acc_t mask, const scalar_t* group_input, int64_t channels,
-                        const scalar_t* zeros) {
-  for (int k = 0; k < 4; ++k) {
-    corners.value[k] = s.pixel[k] >= 0 ? group_input + s.pixel[k] * channels : zeros;
-    corners.weight[k] = mask * s.weight[k];
-  }
-}
+template <typename T>
+struct ChannelBuffer<T, 0> {
+  std::vector<T> data;
+  explicit ChannelBuffer(int n) : data(n) {}
+  T* get() { return data.data(); }
+};
 
-// acc[c] += sum_k weight[k] * value[k][c]
-template <typename scalar_t, typename acc_t>
-inline void accumulate_sample(acc_t* __restrict__ acc, const GroupCorners<scalar_t, acc_t>& k,
-                              int group_channels) {
-  const scalar_t* __restrict__ v0 = k.value[0];
-  const scalar_t* __restrict__ v1 = k.value[1];
-  const scalar_t* __restrict__ v2 = k.value[2];
-  const scalar_t* __restrict__ v3 = k.value[3];
-  const acc_t w0 = k.weight[0], w1 = k.weight[1], w2 = k.weight[2], w3 = k.weight[3];
+// Where the samples of one output pixel land. `locate` fills it for a run of points in one
+// branch-free pass that the compiler vectorises; the channel loops then only read it.
+template <typename acc_t>
+struct SamplePlan {
+  std::vector<acc_t> tap_x, tap_y;  // kernel-grid displacement of each point, unscaled
+  std::vector<acc_t> frac_x, frac_y;
+  std::vector<int64_t> y0, x0;
+  std::vector<unsigned> corners;  // bit k: corner k inside; 0: sample skipped
+
+  // Plans runs of up to `count` points that start at a group boundary.
+  SamplePlan(const Dcnv3Geometry& g, int64_t count)
+      : tap_x(count), tap_y(count), frac_x(count), frac_y(count), y0(count), x0(count),
+        corners(count) {
+    int64_t q = 0;
+    while (q < count) {
+      for (int i = 0; i < g.kernel_w; ++i) {
+        for (int j = 0; j < g.kernel_h; ++j) {
+          if (is_removed_centre(g, i, j) || q >= count) continue;
+          kernel_tap_displacement(g, i, j, tap_x[q], tap_y[q]);
+          ++q;
+        }
+      }
+    }
+  }
+
+  template <typename scalar_t>
+  DCNV3_ALWAYS_INLINE void locate(const Dcnv3Geometry& g, const scalar_t* __restrict__ offset,
+                                  int64_t count, int64_t h_out, int64_t w_out) {
+    const acc_t scale = static_cast<acc_t>(g.offset_scale);
+    const acc_t centre_x = static_cast<acc_t>(w_out * g.stride_w - g.pad_w + g.half_w());
+    const acc_t centre_y = static_cast<acc_t>(h_out * g.stride_h - g.pad_h + g.half_h());
+    const int64_t height = g.height_in, width = g.width_in;
+    const acc_t* __restrict__ tx = tap_x.data();
+    const acc_t* __restrict__ ty = tap_y.data();
+    acc_t* __restrict__ fx = frac_x.data();
+    acc_t* __restrict__ fy = frac_y.data();
+    int64_t* __restrict__ ys = y0.data();
+    int64_t* __restrict__ xs = x0.data();
+    unsigned* __restrict__ cs = corners.data();
 #pragma omp simd
-  for (int c = 0; c < group_channels; ++c) {
-    acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
-              w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
+    for (int64_t q = 0; q < count; ++q) {
+      const acc_t loc_x = centre_x + (tx[q] + static_cast<acc_t>(offset[2 * q])) * scale;
+      const acc_t loc_y = centre_y + (ty[q] + static_cast<acc_t>(offset[2 * q + 1])) * scale;
+      cs[q] = sample_corners(loc_y, loc_x, height, width, ys[q], xs[q], fy[q], fx[q]);
+    }
   }
-}
 
-template <typename scalar_t>
-void forward_pixels(const Dcnv3Geometry& g, const scalar_t* input, const scalar_t* offset,
-                    const scalar_t* mask, scalar_t* output, int64_t begin, int64_t end) {
+  // Pointers to the four corners of sample q in a group's channels (corners outside the
+  // image point at a row of zeros, so the channel loops need no branch).
+  template <typename scalar_t>
+  DCNV3_ALWAYS_INLINE void corner_rows(int64_t q, const scalar_t* group_input, int64_t width,
+                                       int64_t channels, const scalar_t* zeros,
+                                       const scalar_t* rows[4]) const {
+    const unsigned bits = corners[q];
+    const int64_t top_left = (y0[q] * width + x0[q]) * channels;
+    const int64_t step[4] = {0, channels, width * channels, (width + 1) * channels};
+    for (int k = 0; k < 4; ++k) {
+      rows[k] = (bits >> k) & 1u ? group_input + top_left + step[k] : zeros;
+    }
+  }
+};
+
+template <typename scalar_t, int GC>
+DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g, const scalar_t* input,
+                                             const scalar_t* offset, const scalar_t* mask,
+                                             scalar_t* output, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = g.channels();
-  const int gc = g.group_channels;
+  const int gc = GC > 0 ? GC : g.group_channels;
   const int64_t pixels_out = g.height_out * g.width_out;
   const int64_t pixels_in = g.height_in * g.width_in;
-  std::vector<acc_t> acc(gc);
+  const int64_t samples = static_cast<int64_t>(g.group) * g.points;
+  ChannelBuffer<acc_t, GC> acc_buffer(gc);
+  acc_t* __restrict__ acc = acc_buffer.get();
   const std::vector<scalar_t> zeros(gc, scalar_t(0));
+  SamplePlan<acc_t> plan(g, samples);
 
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / pixels_out;
     const int64_t h_out = (pix % pixels_out) / g.width_out;
     const int64_t w_out = pix % g.width_out;
     const scalar_t* input_n = input + n * pixels_in * channels;
-    const scalar_t* offset_pix = offset + pix * g.group * g.points * 2;
-    const scalar_t* mask_pix = mask + pix * g.group * g.points;
+    const scalar_t* mask_pix = mask + pix * samples;
+    plan.locate(g, offset + pix * samples * 2, samples, h_out, w_out);
     for (int grp = 0; grp < g.group; ++grp) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      int p = 0;
-      for (int i = 0; i < g.kernel_w; ++i) {
-        for (int j = 0; j < g.kernel_h; ++j) {
-          if (is_removed_centre(g, i, j)) continue;
-          const int64_t point = static_cast<int64_t>(grp) * g.points + p++;
-          acc_t loc_x, loc_y;
-          sampling_location(g, h_out, w_out, i, j, static_cast<acc_t>(offset_pix[2 * point]),
-                            static_cast<acc_t>(offset_pix[2 * point + 1]), loc_x, loc_y);
-          BilinearSample<acc_t> s;
-          if (!bilinear_sample(loc_y, loc_x, g.height_in, g.width_in, s)) continue;
-          GroupCorners<scalar_t, acc_t> corners;
-          set_corners(corners, s, static_cast<acc_t>(mask_pix[point]),
-                      input_n + static_cast<int64_t>(grp) * gc, channels, zeros.data());
-          accumulate_sample(acc.data(), corners, gc);
+      for (int c = 0; c < gc; ++c) acc[c] = acc_t(0);
+      const scalar_t* input_g = input_n + static_cast<int64_t>(grp) * gc;
+      for (int64_t q = static_cast<int64_t>(grp) * g.points; q < (grp + 1) * g.points; ++q) {
+        if (plan.corners[q] == 0u) continue;
+        acc_t w[4];
+        bilinear_weights(plan.frac_y[q], plan.frac_x[q], w);
+        const acc_t m = static_cast<acc_t>(mask_pix[q]);
+        const scalar_t* rows[4];
+        plan.corner_rows(q, input_g, g.width_in, channels, zeros.data(), rows);
+        const acc_t w0 = m * w[0], w1 = m * w[1], w2 = m * w[2], w3 = m * w[3];
+        const scalar_t* __restrict__ v0 = rows[0];
+        const scalar_t* __restrict__ v1 = rows[1];
+        const scalar_t* __restrict__ v2 = rows[2];
+        const scalar_t* __restrict__ v3 = rows[3];
+#pragma omp simd
+        for (int c = 0; c < gc; ++c) {
+          acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
+                    w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
         }
       }
-      scalar_t* out = output + pix * channels + static_cast<int64_t>(grp) * gc;
+      scalar_t* __restrict__ out = output + pix * channels + static_cast<int64_t>(grp) * gc;
       for (int c = 0; c < gc; ++c) out[c] = static_cast<scalar_t>(acc[c]);
     }
   }
 }
 
 // One (batch, group) slice of the backward. grad_input is accumulated in acc_t.
-template <typename scalar_t>
-void backward_slice(const Dcnv3Geometry& g, const scalar_t* grad_output, const scalar_t* input,
-                    const scalar_t* offset, const scalar_t* mask,
-                    at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset,
-                    scalar_t* grad_mask, int64_t n, int grp) {
+// Per sample, one pass over the channels yields the three sums the gradients need
+// (value, d value/dx, d value/dy against grad_output) and scatters into grad_input; corners
+// outside the image read a row of zeros and scatter into a scratch row that is never read.
+template <typename scalar_t, int GC>
+DCNV3_ALWAYS_INLINE void backward_slice_impl(const Dcnv3Geometry& g,
+                                             const scalar_t* grad_output,
+                                             const scalar_t* input, const scalar_t* offset,
+                                             const scalar_t* mask,
+                                             at::opmath_type<scalar_t>* grad_input,
+                                             scalar_t* grad_offset, scalar_t* grad_mask,
+                                             int64_t n, int grp) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = g.channels();
-  const int gc = g.group_channels;
+  const int gc = GC > 0 ? GC : g.group_channels;
   const int64_t pixels_in = g.height_in * g.width_in;
   const int64_t group_start = static_cast<int64_t>(grp) * gc;
   const scalar_t* input_g = input + n * pixels_in * channels + group_start;
   acc_t* grad_input_g = grad_input + n * pixels_in * channels + group_start;
   const acc_t offset_scale = static_cast<acc_t>(g.offset_scale);
-  std::vector<acc_t> gout(gc);
+  ChannelBuffer<acc_t, GC> gout_buffer(gc);
+  acc_t* __restrict__ go = gout_buffer.get();
+  const std::vector<scalar_t> zeros(gc, scalar_t(0));
+  std::vector<acc_t> sink(gc);
+  SamplePlan<acc_t> plan(g, g.points);
 
   for (int64_t h_out = 0; h_out < g.height_out; ++h_out) {
     for (int64_t w_out = 0; w_out < g.width_out; ++w_out) {
       const int64_t pix = (n * g.height_out + h_out) * g.width_out + w_out;
       const scalar_t* grad_out_pix = grad_output + pix * channels + group_start;
-      for (int c = 0; c < gc; ++c) gout[c] = static_cast<acc_t>(grad_out_pix[c]);
-      const acc_t* __restrict__ go = gout.data();
-      int p = 0;
-      for (int i = 0; i < g.kernel_w; ++i) {
-        for (int j = 0; j < g.kernel_h; ++j) {
-          if (is_removed_centre(g, i, j)) continue;
-          const int64_t point = (pix * g.group + grp) * g.points + p++;
-          acc_t loc_x, loc_y;
-          sampling_location(g, h_out, w_out, i, j, static_cast<acc_t>(offset[2 * point]),
-                            static_cast<acc_t>(offset[2 * point + 1]), loc_x, loc_y);
-          BilinearSample<acc_t> s;
-          if (!bilinear_sample(loc_y, loc_x, g.height_in, g.width_in, s)) {
-            grad_mask[point] = scalar_t(0);
-            grad_offset[2 * point] = scalar_t(0);
-            grad_offset[2 * point + 1] = scalar_t(0);
-            continue;
-          }
-          const acc_t m = static_cast<acc_t>(mask[point]);
-          acc_t corner_dot[4];
-          for (int k = 0; k < 4; ++k) {
-            acc_t dot = 0;
-            if (s.pixel[k] >= 0) {
-              const scalar_t* __restrict__ v = input_g + s.pixel[k] * channels;
-              acc_t* __restrict__ gi = grad_input_g + s.pixel[k] * channels;
-              const acc_t w = m * s.weight[k];
-#pragma omp simd reduction(+ : dot)
-              for (int c = 0; c < gc; ++c) {
-                dot += go[c] * static_cast<acc_t>(v[c]);
-                gi[c] += w * go[c];
-              }
-            }
-            corner_dot[k] = dot;
-          }
-          const SampleGradients<acc_t> r = sample_gradients(s, corner_dot, m, offset_scale);
-          grad_mask[point] = static_cast<scalar_t>(r.mask);
-          grad_offset[2 * point] = static_cast<scalar_t>(r.offset_x);
-          grad_offset[2 * point + 1] = static_cast<scalar_t>(r.offset_y);
+      for (int c = 0; c < gc; ++c) go[c] = static_cast<acc_t>(grad_out_pix[c]);
+      const int64_t first = (pix * g.group + grp) * g.points;
+      plan.locate(g, offset + first * 2, g.points, h_out, w_out);
+      for (int64_t q = 0; q < g.points; ++q) {
+        const int64_t point = first + q;
+        const unsigned bits = plan.corners[q];
+        if (bits == 0u) {
+          grad_mask[point] = scalar_t(0);
+          grad_offset[2 * point] = scalar_t(0);
+          grad_offset[2 * point + 1] = scalar_t(0);
+          continue;
         }
+        acc_t w[4], d_dx[4], d_dy[4];
+        bilinear_weights(plan.frac_y[q], plan.frac_x[q], w);
+        bilinear_weight_gradients(plan.frac_y[q], plan.frac_x[q], d_dx, d_dy);
+        const acc_t m = static_cast<acc_t>(mask[point]);
+        const scalar_t* rows[4];
+        plan.corner_rows(q, input_g, g.width_in, channels, zeros.data(), rows);
+        acc_t* grad_rows[4];
+        for (int k = 0; k < 4; ++k) {
+          grad_rows[k] = (bits >> k) & 1u ? grad_input_g + (rows[k] - input_g) : sink.data();
+        }
+        const scalar_t* __restrict__ v0 = rows[0];
+        const scalar_t* __restrict__ v1 = rows[1];
+        const scalar_t* __restrict__ v2 = rows[2];
+        const scalar_t* __restrict__ v3 = rows[3];
+        acc_t* __restrict__ gi0 = grad_rows[0];
+        acc_t* __restrict__ gi1 = grad_rows[1];
+        acc_t* __restrict__ gi2 = grad_rows[2];
+        acc_t* __restrict__ gi3 = grad_rows[3];
+        const acc_t mw0 = m * w[0], mw1 = m * w[1], mw2 = m * w[2], mw3 = m * w[3];
+        acc_t sum_value = 0, sum_dx = 0, sum_dy = 0;
+#pragma omp simd reduction(+ : sum_value, sum_dx, sum_dy)
+        for (int c = 0; c < gc; ++c) {
+          const acc_t a0 = static_cast<acc_t>(v0[c]), a1 = static_cast<acc_t>(v1[c]);
+          const acc_t a2 = static_cast<acc_t>(v2[c]), a3 = static_cast<acc_t>(v3[c]);
+          const acc_t gc_ = go[c];
+          sum_value += gc_ * (w[0] * a0 + w[1] * a1 + w[2] * a2 + w[3] * a3);
+          sum_dx += gc_ * (d_dx[0] * a0 + d_dx[1] * a1 + d_dx[2] * a2 + d_dx[3] * a3);
+          sum_dy += gc_ * (d_dy[0] * a0 + d_dy[1] * a1 + d_dy[2] * a2 + d_dy[3] * a3);
+          gi0[c] += mw0 * gc_;
+          gi1[c] += mw1 * gc_;
+          gi2[c] += mw2 * gc_;
+          gi3[c] += mw3 * gc_;
+        }
+        grad_mask[point] = static_cast<scalar_t>(sum_value);
+        grad_offset[2 * point] = static_cast<scalar_t>(offset_scale * m * sum_dx);
+        grad_offset[2 * point + 1] = static_cast<scalar_t>(offset_scale * m * sum_dy);
       }
     }
   }
 }
+
+// group_channels 16 and 32 (every released InternImage) get loops of fixed length.
+template <typename scalar_t>
+DCNV3_ALWAYS_INLINE void forward_pixels_any(const Dcnv3Geometry& g, const scalar_t* input,
+                                            const scalar_t* offset, const scalar_t* mask,
+                                            scalar_t* output, int64_t begin, int64_t end) {
+  switch (g.group_channels) {
+    case 16:
+      return forward_pixels_impl<scalar_t, 16>(g, input, offset, mask, output, begin, end);
+    case 32:
+      return forward_pixels_impl<scalar_t, 32>(g, input, offset, mask, output, begin, end);
+    default:
+      return forward_pixels_impl<scalar_t, 0>(g, input, offset, mask, output, begin, end);
+  }
+}
+
+template <typename scalar_t>
+DCNV3_ALWAYS_INLINE void backward_slices_any(const Dcnv3Geometry& g,
+                                             const scalar_t* grad_output,
+                                             const scalar_t* input, const scalar_t* offset,
+                                             const scalar_t* mask,
+                                             at::opmath_type<scalar_t>* grad_input,
+                                             scalar_t* grad_offset, scalar_t* grad_mask,
+                                             int64_t begin, int64_t end) {
+  for (int64_t slice = begin; slice < end; ++slice) {
+    const int64_t n = slice / g.group;
+    const int grp = static_cast<int>(slice % g.group);
+    switch (g.group_channels) {
+      case 16:
+        backward_slice_impl<scalar_t, 16>(g, grad_output, input, offset, mask, grad_input,
+                                          grad_offset, grad_mask, n, grp);
+        break;
+      case 32:
+        backward_slice_impl<scalar_t, 32>(g, grad_output, input, offset, mask, grad_input,
+                                          grad_offset, grad_mask, n, grp);
+        break;
+      default:
+        backward_slice_impl<scalar_t, 0>(g, grad_output, input, offset, mask, grad_input,
+                                         grad_offset, grad_mask, n, grp);
+    }
+  }
+}
+
+// The entry points are compiled once per instruction set (AVX-512, AVX2+FMA, baseline) and
+// picked at run time, so the channel loops use the widest vectors the CPU has while the
+// library still runs on any x86-64. Only ISA flags differ between the versions (not -march),
+// which lets GCC inline the shared header's helpers into each of them.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define DCNV3_X86_DISPATCH 1
+#define DCNV3_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+enum class CpuLevel { kBaseline, kAvx2, kAvx512 };
+
+CpuLevel cpu_level() {
+  static const CpuLevel level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      return CpuLevel::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return CpuLevel::kAvx2;
+    }
+    return CpuLevel::kBaseline;
+  }();
+  return level;
+}
+#endif
+
+#define DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, target, suffix)                              \
+  target void forward_pixels_##suffix(const Dcnv3Geometry& g, const scalar_t* input,         \
+                                      const scalar_t* offset, const scalar_t* mask,          \
+                                      scalar_t* output, int64_t begin, int64_t end) {        \
+    forward_pixels_any<scalar_t>(g, input, offset, mask, output, begin, end);                \
+  }                                                                                          \
+  target void backward_slices_##suffix(                                                      \
+      const Dcnv3Geometry& g, const scalar_t* grad_output, const scalar_t* input,            \
+      const scalar_t* offset, const scalar_t* mask, at::opmath_type<scalar_t>* grad_input,   \
+      scalar_t* grad_offset, scalar_t* grad_mask, int64_t begin, int64_t end) {              \
+    backward_slices_any<scalar_t>(g, grad_output, input, offset, mask, grad_input,           \
+                                  grad_offset, grad_mask, begin, end);                       \
+  }
+
+#ifdef DCNV3_X86_DISPATCH
+#define DCNV3_DEFINE_ALL_ENTRY_POINTS(scalar_t)                      \
+  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, , baseline)                \
+  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, DCNV3_TARGET_AVX2, avx2)   \
+  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, DCNV3_TARGET_AVX512, avx512)
+#else
+#define DCNV3_DEFINE_ALL_ENTRY_POINTS(scalar_t) DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, , baseline)
+#endif
+
+DCNV3_DEFINE_ALL_ENTRY_POINTS(float)
+DCNV3_DEFINE_ALL_ENTRY_POINTS(double)
+DCNV3_DEFINE_ALL_ENTRY_POINTS(c10::BFloat16)
+DCNV3_DEFINE_ALL_ENTRY_POINTS(c10::Half)
+
+template <typename scalar_t>
+void forward_pixels(const Dcnv3Geometry& g, const scalar_t* input, const scalar_t* offset,
+                    const scalar_t* mask, scalar_t* output, int64_t begin, int64_t end) {
+#ifdef DCNV3_X86_DISPATCH
+  switch (cpu_level()) {
+    case CpuLevel::kAvx512:
+      return forward_pixels_avx512(g, input, offset, mask, output, begin, end);
+    case CpuLevel::kAvx2:
+      return forward_pixels_avx2(g, input, offset, mask, output, begin, end);
+    case CpuLevel::kBaseline:
+      break;
+  }
+#endif
+  forward_pixels_baseline(g, input, offset, mask, output, begin, end);
+}
+
+template <typename scalar_t>
+void backward_slices(const Dcnv3Geometry& g, const scalar_t* grad_output, const scalar_t* input,
+                     const scalar_t* offset, const scalar_t* mask,
+                     at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset,
+                     scalar_t* grad_mask, int64_t begin, int64_t end) {
+#ifdef DCNV3_X86_DISPATCH
+  switch (cpu_level()) {
+    case CpuLevel::kAvx512:
+      return backward_slices_avx512(g, grad_output, input, offset, mask, grad_input,
+                                    grad_offset, grad_mask, begin, end);
+    case CpuLevel::kAvx2:
+      return backward_slices_avx2(g, grad_output, input, offset, mask, grad_input, grad_offset,
+                                  grad_mask, begin, end);
+    case CpuLevel::kBaseline:
+      break;
+  }
+#endif
+  backward_slices_baseline(g, grad_output, input, offset, mask, grad_input, grad_offset,
+                           grad_mask, begin, end);
+}
+
 
 at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_,
                              const at::Tensor& mask_, at::IntArrayRef kernel_size,
@@ -186,7 +398,7 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
         const scalar_t* msk = mask.const_data_ptr<scalar_t>();
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-          forward_pixels<scalar_t>(g, in, off, msk, out, begin, end);
+          forward_pixels(g, in, off, msk, out, begin, end);
         });
       });
   return output;
@@ -222,10 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
       scalar_t* goff = grad_offset.mutable_data_ptr<scalar_t>();
       scalar_t* gmsk = grad_mask.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t slice = begin; slice < end; ++slice) {
-          backward_slice<scalar_t>(g, gout, in, off, msk, gin, goff, gmsk, slice / g.group,
-                                   static_cast<int>(slice % g.group));
-        }
+        backward_slices(g, gout, in, off, msk, gin, goff, gmsk, begin, end);
       });
     });
   }

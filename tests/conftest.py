@@ -1,0 +1,27 @@
+"""Shared test fixtures: the golden folder from the original InternImage code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def golden_files(pattern: str) -> list[Path]:
+    """Golden files matching `pattern`; fails (never skips) when the folder is missing."""
+    files = sorted(GOLDEN_DIR.glob(pattern))
+    if not files:
+        raise FileNotFoundError(
+            f"no golden files matching {pattern!r} in {GOLDEN_DIR}: the parity tests need "
+            "../shared/golden beside the repository root"
+        )
+    return files
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        pytest.fail(f"golden folder {GOLDEN_DIR} is missing: parity cannot be checked")
+    return GOLDEN_DIR
