@@ -47,7 +47,7 @@ def find_cuda_home() -> str | None:
         )
     match = re.search(r"^#\$ TOP=(.*)$", result.stdout + result.stderr, re.MULTILINE)
     if match:
-        return os.path.realpath(os.path.join(match.group(1).strip(), ".."))
+        return os.path.realpath(match.group(1).strip())  # TOP is <toolkit>/bin/..
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 

@@ -1,0 +1,463 @@
+// CUDA kernels of the DCNv3 operator: forward and backward, float32 / float64 / float16 /
+// bfloat16 (reduced types accumulate in float32), with the CPU kernels' semantics.
+//
+// Thread mapping: a "slot" is one (output pixel, group). Its group_channels are split into
+// vectors of VEC channels (16 bytes when group_channels and pointer alignment allow, else one
+// channel), and `lanes` consecutive threads share the slot: lane l owns vectors l, l + lanes, ...
+// lanes is a power of two <= 32, so a slot never straddles a warp, and consecutive threads touch
+// consecutive pieces of a corner's channel run, so gathers and stores coalesce.
+//
+// Backward: grad_input is scattered with atomicAdd into an accumulation buffer (float32 for the
+// reduced types; float4 atomics on sm_90+). The four corner dot products behind each point's
+// offset and mask gradients are summed over the slot's lanes with xor shuffles, in a fixed
+// order, so those two gradients are deterministic; grad_input is not (atomic ordering).
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <tuple>
+
+#include "../dcnv3.h"
+
+namespace internimage {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr int kMaxBlocksPerSm = 32;  // grid-stride loops cover the rest
+constexpr int kVectorBytes = 16;
+// Caps the forward at 64 registers (four 256-thread blocks per SM) without spilling its hot
+// instances; the backward needs up to 80 and spills under that cap, so it is left alone.
+constexpr int kForwardMinBlocksPerSm = 4;
+
+// VEC consecutive channels, moved as one VEC * sizeof(T)-byte access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Channels [c0, c0 + VEC) of one bilinear corner, converted to acc_t. A corner outside the image
+// reads as zero rather than being skipped, exactly as on the CPU, so inf/NaN masks propagate alike.
+template <typename acc_t, int VEC, typename scalar_t, typename index_t>
+__device__ __forceinline__ void load_corner(const scalar_t* __restrict__ group_input,
+                                            int64_t pixel, index_t channels, index_t c0,
+                                            acc_t (&out)[VEC]) {
+  if (pixel < 0) {
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) out[c] = acc_t(0);
+    return;
+  }
+  const Pack<scalar_t, VEC> p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(
+      group_input + static_cast<index_t>(pixel) * channels + c0);
+#pragma unroll
+  for (int c = 0; c < VEC; ++c) out[c] = static_cast<acc_t>(p.v[c]);
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_channels(float* dst, const float (&v)[VEC]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kFloat4 = VEC % 4 == 0;  // 16-byte aligned: the buffer is ours, c0 % VEC == 0
+#else
+  constexpr bool kFloat4 = false;
+#endif
+  if constexpr (kFloat4) {
+#pragma unroll
+    for (int c = 0; c < VEC; c += 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst + c),
+                make_float4(v[c], v[c + 1], v[c + 2], v[c + 3]));
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) atomicAdd(dst + c, v[c]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_channels(double* dst, const double (&v)[VEC]) {
+#pragma unroll
+  for (int c = 0; c < VEC; ++c) atomicAdd(dst + c, v[c]);
+}
+
+// Where a slot sits: batch index, output row and column, group.
+template <typename index_t>
+struct SlotPosition {
+  index_t n, h_out, w_out;
+  int group;
+};
+
+template <typename index_t>
+__device__ __forceinline__ SlotPosition<index_t> slot_position(const Dcnv3Geometry& g,
+                                                               index_t slot) {
+  const index_t pixel = slot / g.group;
+  const index_t width_out = static_cast<index_t>(g.width_out);
+  const index_t pixels_out = static_cast<index_t>(g.height_out) * width_out;
+  SlotPosition<index_t> s;
+  s.group = static_cast<int>(slot - pixel * g.group);
+  s.n = pixel / pixels_out;
+  const index_t rest = pixel - s.n * pixels_out;
+  s.h_out = rest / width_out;
+  s.w_out = rest - s.h_out * width_out;
+  return s;
+}
+
+template <typename scalar_t, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads, kForwardMinBlocksPerSm)
+    dcnv3_forward_kernel(const Dcnv3Geometry g, const scalar_t* __restrict__ input,
+                         const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
+                         scalar_t* __restrict__ output, const index_t total, const int lanes_log2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lanes = 1 << lanes_log2;
+  const index_t vectors = g.group_channels / VEC;
+  const index_t channels = static_cast<index_t>(g.channels());
+  const index_t pixels_in = static_cast<index_t>(g.height_in * g.width_in);
+  const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += step) {
+    const index_t slot = t >> lanes_log2;
+    const index_t lane = t & (lanes - 1);
+    const SlotPosition<index_t> pos = slot_position(g, slot);
+    const scalar_t* group_input = input + pos.n * pixels_in * channels +
+                                  static_cast<index_t>(pos.group) * g.group_channels;
+    const scalar_t* slot_offset = offset + slot * g.points * 2;
+    const scalar_t* slot_mask = mask + slot * g.points;
+
+    for (index_t v = lane; v < vectors; v += lanes) {
+      const index_t c0 = v * VEC;
+      acc_t acc[VEC] = {};
+      int p = 0;
+      for (int i = 0; i < g.kernel_w; ++i) {
+        for (int j = 0; j < g.kernel_h; ++j) {
+          if (is_removed_centre(g, i, j)) continue;
+          const int point = p++;
+          acc_t loc_x, loc_y;
+          sampling_location(g, pos.h_out, pos.w_out, i, j,
+                            static_cast<acc_t>(slot_offset[2 * point]),
+                            static_cast<acc_t>(slot_offset[2 * point + 1]), loc_x, loc_y);
+          BilinearSample<acc_t> s;
+          if (!bilinear_sample(loc_y, loc_x, g.height_in, g.width_in, s)) continue;
+          const acc_t m = static_cast<acc_t>(slot_mask[point]);
+          acc_t x0[VEC], x1[VEC], x2[VEC], x3[VEC];
+          load_corner(group_input, s.pixel[0], channels, c0, x0);
+          load_corner(group_input, s.pixel[1], channels, c0, x1);
+          load_corner(group_input, s.pixel[2], channels, c0, x2);
+          load_corner(group_input, s.pixel[3], channels, c0, x3);
+          const acc_t w0 = m * s.weight[0], w1 = m * s.weight[1];
+          const acc_t w2 = m * s.weight[2], w3 = m * s.weight[3];
+#pragma unroll
+          for (int c = 0; c < VEC; ++c) {
+            acc[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
+          }
+        }
+      }
+      Pack<scalar_t, VEC> out;
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) out.v[c] = static_cast<scalar_t>(acc[c]);
+      *reinterpret_cast<Pack<scalar_t, VEC>*>(output + slot * g.group_channels + c0) = out;
+    }
+  }
+}
+
+// `total` threads do work; the loop runs to `total_padded` (a multiple of the warp size, as is
+// the grid) so that whole warps stay in step for the shuffles.
+template <typename scalar_t, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    dcnv3_backward_kernel(const Dcnv3Geometry g, const scalar_t* __restrict__ grad_output,
+                          const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
+                          const scalar_t* __restrict__ mask,
+                          at::opmath_type<scalar_t>* __restrict__ grad_input,
+                          scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask,
+                          const index_t total, const index_t total_padded, const int lanes_log2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lanes = 1 << lanes_log2;
+  const index_t vectors = g.group_channels / VEC;
+  const index_t channels = static_cast<index_t>(g.channels());
+  const index_t pixels_in = static_cast<index_t>(g.height_in * g.width_in);
+  const acc_t offset_scale = static_cast<acc_t>(g.offset_scale);
+  const index_t step = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t t = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       t < total_padded; t += step) {
+    const bool active = t < total;
+    const index_t slot = active ? t >> lanes_log2 : 0;
+    const index_t lane = t & (lanes - 1);
+    const SlotPosition<index_t> pos = slot_position(g, slot);
+    const index_t group_start =
+        pos.n * pixels_in * channels + static_cast<index_t>(pos.group) * g.group_channels;
+    const scalar_t* group_input = input + group_start;
+    acc_t* group_grad_input = grad_input + group_start;
+    const scalar_t* slot_grad_output = grad_output + slot * g.group_channels;
+    const index_t first_point = slot * g.points;
+
+    // The lane's first channel vector of grad_output stays in registers for every point.
+    acc_t go_first[VEC] = {};
+    if (active && lane < vectors) {
+      const auto p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(slot_grad_output + lane * VEC);
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) go_first[c] = static_cast<acc_t>(p.v[c]);
+    }
+
+    int p = 0;
+    for (int i = 0; i < g.kernel_w; ++i) {
+      for (int j = 0; j < g.kernel_h; ++j) {
+        if (is_removed_centre(g, i, j)) continue;
+        const int point_in_slot = p++;
+        const index_t point = first_point + point_in_slot;
+        acc_t corner_dot[4] = {};
+        BilinearSample<acc_t> s;
+        bool inside = false;
+        acc_t m = 0;
+        if (active) {
+          acc_t loc_x, loc_y;
+          sampling_location(g, pos.h_out, pos.w_out, i, j,
+                            static_cast<acc_t>(offset[2 * point]),
+                            static_cast<acc_t>(offset[2 * point + 1]), loc_x, loc_y);
+          inside = bilinear_sample(loc_y, loc_x, g.height_in, g.width_in, s);
+          m = static_cast<acc_t>(mask[point]);
+        }
+        if (inside) {
+          for (index_t v = lane; v < vectors; v += lanes) {
+            const index_t c0 = v * VEC;
+            acc_t go[VEC];
+            if (v == lane) {
+#pragma unroll
+              for (int c = 0; c < VEC; ++c) go[c] = go_first[c];
+            } else {
+              const auto pk =
+                  *reinterpret_cast<const Pack<scalar_t, VEC>*>(slot_grad_output + c0);
+#pragma unroll
+              for (int c = 0; c < VEC; ++c) go[c] = static_cast<acc_t>(pk.v[c]);
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              if (s.pixel[k] < 0) continue;
+              acc_t x[VEC];
+              load_corner(group_input, s.pixel[k], channels, c0, x);
+              const acc_t w = m * s.weight[k];
+              acc_t dot = 0, add[VEC];
+#pragma unroll
+              for (int c = 0; c < VEC; ++c) {
+                dot += go[c] * x[c];
+                add[c] = w * go[c];
+              }
+              corner_dot[k] += dot;
+              atomic_add_channels<VEC>(
+                  group_grad_input + static_cast<index_t>(s.pixel[k]) * channels + c0, add);
+            }
+          }
+        }
+        // Every thread of the warp takes part; xor partners below `lanes` share the slot.
+        for (int o = lanes >> 1; o > 0; o >>= 1) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            corner_dot[k] += __shfl_xor_sync(0xffffffffu, corner_dot[k], o);
+          }
+        }
+        // The lanes take turns writing, which spreads the scattered stores.
+        if (active && lane == (point_in_slot & (lanes - 1))) {
+          acc_t d_mask = 0, d_x = 0, d_y = 0;
+          if (inside) {
+            const SampleGradients<acc_t> r = sample_gradients(s, corner_dot, m, offset_scale);
+            d_mask = r.mask;
+            d_x = r.offset_x;
+            d_y = r.offset_y;
+          }
+          grad_mask[point] = static_cast<scalar_t>(d_mask);
+          grad_offset[2 * point] = static_cast<scalar_t>(d_x);
+          grad_offset[2 * point + 1] = static_cast<scalar_t>(d_y);
+        }
+      }
+    }
+  }
+}
+
+// How one call maps onto threads: see the file comment.
+struct LaunchPlan {
+  int vec;
+  int lanes_log2;
+  int64_t total;         // threads with work: slots * lanes
+  int64_t total_padded;  // rounded up to whole warps
+  unsigned blocks;
+  bool use_int32;  // every index the kernel forms fits in int32
+};
+
+template <typename scalar_t>
+LaunchPlan plan_launch(const Dcnv3Geometry& g, std::initializer_list<const void*> vector_ptrs,
+                       int64_t largest_numel, int device) {
+  constexpr int wide = kVectorBytes / sizeof(scalar_t);
+  bool aligned = g.group_channels % wide == 0;
+  for (const void* p : vector_ptrs) {
+    aligned = aligned && reinterpret_cast<std::uintptr_t>(p) % kVectorBytes == 0;
+  }
+  LaunchPlan plan;
+  plan.vec = aligned ? wide : 1;
+  const int vectors = g.group_channels / plan.vec;
+  plan.lanes_log2 = 0;
+  while ((1 << plan.lanes_log2) < std::min(vectors, kWarp)) ++plan.lanes_log2;
+  const int64_t slots = g.batch * g.height_out * g.width_out * g.group;
+  plan.total = slots << plan.lanes_log2;
+  plan.total_padded = (plan.total + kWarp - 1) / kWarp * kWarp;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t max_blocks = static_cast<int64_t>(std::max(sms, 1)) * kMaxBlocksPerSm;
+  plan.blocks = static_cast<unsigned>(
+      std::clamp<int64_t>((plan.total_padded + kThreads - 1) / kThreads, 1, max_blocks));
+  // Headroom for the last grid-stride increment past the end.
+  const int64_t grid_threads = static_cast<int64_t>(plan.blocks) * kThreads;
+  plan.use_int32 = std::max(largest_numel, plan.total_padded + grid_threads) <=
+                   std::numeric_limits<int32_t>::max();
+  return plan;
+}
+
+template <typename scalar_t, int VEC, typename index_t>
+void launch_forward(const Dcnv3Geometry& g, const LaunchPlan& plan, const scalar_t* input,
+                    const scalar_t* offset, const scalar_t* mask, scalar_t* output) {
+  dcnv3_forward_kernel<scalar_t, VEC, index_t>
+      <<<plan.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          g, input, offset, mask, output, static_cast<index_t>(plan.total), plan.lanes_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Picks the kernel instance for the plan's vector width and index type.
+template <typename scalar_t>
+void forward(const Dcnv3Geometry& g, const LaunchPlan& plan, const scalar_t* input,
+             const scalar_t* offset, const scalar_t* mask, scalar_t* output) {
+  constexpr int wide = kVectorBytes / sizeof(scalar_t);
+  if (plan.vec == wide) {
+    if (plan.use_int32) {
+      launch_forward<scalar_t, wide, int32_t>(g, plan, input, offset, mask, output);
+    } else {
+      launch_forward<scalar_t, wide, int64_t>(g, plan, input, offset, mask, output);
+    }
+  } else if (plan.use_int32) {
+    launch_forward<scalar_t, 1, int32_t>(g, plan, input, offset, mask, output);
+  } else {
+    launch_forward<scalar_t, 1, int64_t>(g, plan, input, offset, mask, output);
+  }
+}
+
+// Pointers of one backward call.
+template <typename scalar_t>
+struct BackwardArgs {
+  const scalar_t* grad_output;
+  const scalar_t* input;
+  const scalar_t* offset;
+  const scalar_t* mask;
+  at::opmath_type<scalar_t>* grad_input;
+  scalar_t* grad_offset;
+  scalar_t* grad_mask;
+};
+
+template <typename scalar_t, int VEC, typename index_t>
+void launch_backward(const Dcnv3Geometry& g, const LaunchPlan& plan,
+                     const BackwardArgs<scalar_t>& a) {
+  dcnv3_backward_kernel<scalar_t, VEC, index_t>
+      <<<plan.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          g, a.grad_output, a.input, a.offset, a.mask, a.grad_input, a.grad_offset, a.grad_mask,
+          static_cast<index_t>(plan.total), static_cast<index_t>(plan.total_padded),
+          plan.lanes_log2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void backward(const Dcnv3Geometry& g, const LaunchPlan& plan, const BackwardArgs<scalar_t>& a) {
+  constexpr int wide = kVectorBytes / sizeof(scalar_t);
+  if (plan.vec == wide) {
+    if (plan.use_int32) {
+      launch_backward<scalar_t, wide, int32_t>(g, plan, a);
+    } else {
+      launch_backward<scalar_t, wide, int64_t>(g, plan, a);
+    }
+  } else if (plan.use_int32) {
+    launch_backward<scalar_t, 1, int32_t>(g, plan, a);
+  } else {
+    launch_backward<scalar_t, 1, int64_t>(g, plan, a);
+  }
+}
+
+at::Tensor dcnv3_forward_cuda(const at::Tensor& input_, const at::Tensor& offset_,
+                              const at::Tensor& mask_, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t group, int64_t group_channels,
+                              double offset_scale, bool remove_center) {
+  const Dcnv3Geometry g = check_dcnv3_args(input_, offset_, mask_, kernel_size, stride, padding,
+                                           dilation, group, group_channels, offset_scale,
+                                           remove_center);
+  const c10::cuda::CUDAGuard device_guard(input_.device());
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  at::Tensor output =
+      at::empty({g.batch, g.height_out, g.width_out, g.channels()}, input.options());
+  if (output.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "dcnv3_forward_cuda", [&] {
+        const scalar_t* in = input.const_data_ptr<scalar_t>();
+        const scalar_t* off = offset.const_data_ptr<scalar_t>();
+        const scalar_t* msk = mask.const_data_ptr<scalar_t>();
+        scalar_t* out = output.mutable_data_ptr<scalar_t>();
+        const LaunchPlan plan = plan_launch<scalar_t>(
+            g, {in, out}, std::max({input.numel(), offset.numel(), output.numel()}),
+            input.get_device());
+        forward<scalar_t>(g, plan, in, off, msk, out);
+      });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_,
+    const at::Tensor& mask_, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group, int64_t group_channels,
+    double offset_scale, bool remove_center) {
+  const Dcnv3Geometry g = check_dcnv3_args(input_, offset_, mask_, kernel_size, stride, padding,
+                                           dilation, group, group_channels, offset_scale,
+                                           remove_center);
+  check_grad_output(grad_output_, input_, g);
+  // grad_input is accumulated with atomics in no fixed order.
+  at::globalContext().alertNotDeterministic("dcnv3_backward_cuda");
+  const c10::cuda::CUDAGuard device_guard(input_.device());
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  const auto dtype = input.scalar_type();
+  const auto acc_dtype = at::toOpMathType(dtype);
+  at::Tensor grad_input = at::zeros(input.sizes(), input.options().dtype(acc_dtype));
+  at::Tensor grad_offset = at::empty(offset.sizes(), offset.options());
+  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options());
+  if (grad_output.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dcnv3_backward_cuda", [&] {
+      const BackwardArgs<scalar_t> a{grad_output.const_data_ptr<scalar_t>(),
+                                     input.const_data_ptr<scalar_t>(),
+                                     offset.const_data_ptr<scalar_t>(),
+                                     mask.const_data_ptr<scalar_t>(),
+                                     grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                                     grad_offset.mutable_data_ptr<scalar_t>(),
+                                     grad_mask.mutable_data_ptr<scalar_t>()};
+      const LaunchPlan plan = plan_launch<scalar_t>(
+          g, {a.grad_output, a.input, a.grad_input},
+          std::max({input.numel(), offset.numel(), grad_output.numel()}), input.get_device());
+      backward<scalar_t>(g, plan, a);
+    });
+  }
+  if (acc_dtype != dtype) grad_input = grad_input.to(dtype);
+  return {grad_input, grad_offset, grad_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(internimage, CUDA, m) {
+  m.impl("dcnv3", &dcnv3_forward_cuda);
+  m.impl("dcnv3_backward", &dcnv3_backward_cuda);
+}
+
+}  // namespace internimage
