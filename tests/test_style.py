@@ -11,7 +11,6 @@ def test_ruff_clean():
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.fail("ruff is not installed: pip install -e '.[test]'")
-    result = subprocess.run(
-        [ruff, "check", "."], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
-    )
+    repo_root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([ruff, "check", "."], cwd=repo_root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

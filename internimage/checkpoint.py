@@ -1,0 +1,205 @@
+"""Safe loading of original InternImage checkpoints and conversion to safetensors.
+
+Original ``.pth`` files (``OpenGVLab/InternImage`` on the Hugging Face hub) are a dict with the
+state dict under ``'model'``; training checkpoints also carry optimizer state and a pickled
+yacs ``config``. Loading is always ``torch.load(weights_only=True)``: a file that carries
+pickled Python objects is refused with an explanation and a way out; it is never re-loaded
+with ``weights_only=False`` behind the caller's back, because unpickling arbitrary objects can
+execute code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "load_checkpoint_file",
+    "load_original_checkpoint",
+    "convert_checkpoint",
+]
+
+PathLike = str | os.PathLike
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds pickled Python objects that ``weights_only=True`` refuses to load."""
+
+
+def _refusal_message(path: Path, error: Exception) -> str:
+    detail = str(error).strip()
+    for line in detail.splitlines():  # torch names the blocked global on one of its lines
+        if "WeightsUnpickler error" in line or "Unsupported global" in line:
+            detail = line.strip()
+            break
+    else:
+        detail = detail.splitlines()[0] if detail else type(error).__name__
+    return (
+        f"Refusing to load '{path}': it contains pickled Python objects that "
+        f"torch.load(weights_only=True) will not construct ({detail}). Original InternImage "
+        "training checkpoints store the yacs training config next to the weights ('config'). "
+        "Loading such a file with weights_only=False can run arbitrary code from the file, so "
+        "this package never does that.\n"
+        "Ways out:\n"
+        "  1. If you trust where the file comes from, extract the weights once, in a separate "
+        "step you run yourself (the classes must be importable, e.g. `pip install yacs`):\n"
+        f"       python -c \"import torch; ck = torch.load(r'{path}', map_location='cpu', "
+        f"weights_only=False); torch.save(ck['model'], r'{path.with_suffix('')}_weights.pth')\"\n"
+        "     then convert that clean file: internimage.convert_checkpoint(clean_path, "
+        "'model.safetensors', 'internimage_t').\n"
+        "  2. If the blocked global is a plain class you trust, allow-list it: "
+        "load_original_checkpoint(path, safe_globals=[TheClass]) (dict subclasses such as "
+        "yacs CfgNode cannot be allow-listed; use way 1)."
+    )
+
+
+def load_checkpoint_file(
+    path: PathLike,
+    map_location: str | torch.device = "cpu",
+    safe_globals: Iterable[Any] | None = None,
+) -> Any:
+    """Loads a ``.pth``/``.pt`` file with ``weights_only=True``, or a ``.safetensors`` file.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors are loaded.
+        safe_globals: extra classes/functions to allow-list for this load only (passed to
+            ``torch.serialization.safe_globals``); only for classes you trust.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        UnsafeCheckpointError: the file holds pickled objects ``weights_only`` refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: '{path}'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(map_location))
+    try:
+        if safe_globals:
+            with torch.serialization.safe_globals(list(safe_globals)):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(_refusal_message(path, error)) from error
+
+
+def load_original_checkpoint(
+    path: PathLike,
+    use_ema: bool = False,
+    map_location: str | torch.device = "cpu",
+    safe_globals: Iterable[Any] | None = None,
+) -> dict[str, Tensor]:
+    """The tensors of an original InternImage checkpoint, keys as stored (original layout).
+
+    Unwraps ``'model'`` (or ``'model_ema'`` when ``use_ema`` and present), ``'state_dict'`` or
+    ``'module'``; other entries (optimizer, lr_scheduler, epoch, ...) are dropped. See
+    :func:`load_checkpoint_file` for ``safe_globals`` and the errors.
+    """
+    checkpoint = load_checkpoint_file(path, map_location, safe_globals)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"'{path}' does not hold a state dict: expected a mapping, got "
+            f"{type(checkpoint).__name__}"
+        )
+    keys = (("model_ema",) if use_ema else ()) + ("model", "state_dict", "module")
+    for key in keys:
+        inner = checkpoint.get(key)
+        if isinstance(inner, Mapping):
+            checkpoint = inner
+            break
+    else:
+        if use_ema:
+            raise ValueError(f"use_ema=True but '{path}' has no 'model_ema' entry")
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(f"'{path}' holds no tensors under {list(keys)} or at the top level")
+    return tensors
+
+
+def _num_classes(state_dict: Mapping[str, Tensor]) -> int:
+    weight = state_dict.get("head.fc.weight")
+    return int(weight.shape[0]) if weight is not None else 0
+
+
+def convert_checkpoint(
+    src: PathLike,
+    dst: PathLike,
+    model_name: str = "internimage_t",
+    use_ema: bool = False,
+    safe_globals: Iterable[Any] | None = None,
+    **model_kwargs: Any,
+) -> Path:
+    """Converts an original checkpoint into a safetensors file in this project's layout.
+
+    The keys are converted with :func:`internimage.checkpoint_filter_fn` and validated
+    against ``timm.create_model(model_name, num_classes=<from the checkpoint's head>,
+    **model_kwargs)`` built on the meta device (strict: every key and shape must match). The
+    result loads with ``timm.create_model(model_name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=dst))`` or ``load_state_dict``.
+
+    Args:
+        src: original ``.pth`` (raw state dict or under 'model' / 'state_dict' / 'module').
+        dst: output ``.safetensors`` path (parent directories are created).
+        model_name: a registered InternImage variant, e.g. 'internimage_b'.
+        use_ema: take 'model_ema' instead of 'model' when the file has both.
+        safe_globals: see :func:`load_checkpoint_file`.
+        **model_kwargs: extra model arguments (e.g. a non-default architecture).
+
+    Returns:
+        The ``dst`` path.
+    """
+    import timm
+    from safetensors.torch import save_file
+
+    from internimage.internimage import checkpoint_filter_fn
+
+    if not isinstance(model_name, str) or not timm.is_model(model_name):
+        raise ValueError(f"model_name must be a registered timm model name, got {model_name!r}")
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"dst must end in '.safetensors', got '{dst}'")
+    state_dict = checkpoint_filter_fn(load_original_checkpoint(src, use_ema, "cpu", safe_globals))
+    model_kwargs.setdefault("num_classes", _num_classes(state_dict))
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        def _first(items: list[str]) -> str:
+            return f"{len(items)} {items[:4]}{' ...' if len(items) > 4 else ''}"
+
+        raise ValueError(
+            f"'{src}' does not match {model_name} (model kwargs {model_kwargs}): missing keys "
+            f"{_first(missing)}, unexpected keys {_first(unexpected)}, shape mismatches "
+            f"(checkpoint vs model) {_first(mismatched)}"
+        )
+    tensors: dict[str, Tensor] = {}
+    seen_storages: set[int] = set()
+    for key, value in state_dict.items():
+        value = value.detach().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen_storages:  # safetensors refuses tensors that share memory
+            value = value.clone()
+        seen_storages.add(value.untyped_storage().data_ptr())
+        tensors[key] = value
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "model_name": model_name, "source": Path(src).name,
+                "num_classes": str(model_kwargs["num_classes"])}
+    save_file(tensors, str(dst), metadata=metadata)
+    return dst

@@ -1,0 +1,1134 @@
+"""InternImage (CVPR 2023) as a timm model family, numerically identical to the original.
+
+Paper: "InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+Convolutions", https://arxiv.org/abs/2211.05778. Original code and weights:
+https://github.com/OpenGVLab/InternImage (MIT).
+
+Layout (timm style, see ``checkpoint_filter_fn`` for the mapping from the original keys):
+
+* ``stem``: conv 3x3/2 -> LN -> act -> conv 3x3/2 -> LN (the original ``patch_embed``);
+* ``stages.i`` (``nn.Sequential``): for i > 0 the downsample (conv 3x3/2 without bias -> LN)
+  that the original runs at the end of ``levels.{i-1}``, then the blocks, the level-2 post
+  norms (H/G) and the level norm (when the original has one);
+* ``fuse`` (H/G only): the original ``dcnv3_head_x4`` / ``dcnv3_head_x3`` projections fusing
+  stages 3 and 4 into a 1024-channel stride-16 map;
+* ``head``: conv head (1x1 conv -> BN -> act at ``cls_scale`` width) + pool + fc for T/S/B/L/XL,
+  or attention pooling (``clip_projector``) + LN + fc for H/G.
+
+Memory layout: stage inputs and outputs are NCHW tensors with channels_last memory; inside a
+stage activations are contiguous NHWC, so every Linear runs without a permute and each
+``permute`` between the two is a free view. ``forward_features`` returns the NCHW final map.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    DropPath,
+    SelectAdaptivePool2d,
+    register_notrace_module,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from torch import Tensor, nn
+
+from internimage.dcnv3 import (
+    CORE_OPS,
+    DCNv3,
+    check_norm_layer,
+    get_act_layer,
+    norm_nchw,
+)
+
+__all__ = [
+    "InternImage",
+    "InternImageStem",
+    "InternImageDownsample",
+    "InternImageMlp",
+    "InternImageBlock",
+    "InternImageStage",
+    "ConvClassifierHead",
+    "ClipFusion",
+    "AttentionPool",
+    "ClipClassifierHead",
+    "checkpoint_filter_fn",
+    "dcn_offset_param_names",
+]
+
+# Constants of the original clip-projector head (hard-coded there as well).
+CLIP_EMBED_DIM = 1024
+CLIP_NUM_HEADS = 16
+CLIP_OUT_DIM = 768
+CLIP_UPSAMPLE = 2
+
+LN_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class InternImageStem(nn.Module):
+    """Stem: conv 3x3/2 (C/2) -> norm -> act -> conv 3x3/2 (C) -> norm -> dropout.
+
+    Input ``(N, in_chans, H, W)`` NCHW (any memory format); output ``(N, C, ceil(H/4),
+    ceil(W/4))`` NCHW with channels_last memory. The input is converted to channels_last first
+    (a no-op when it already is), so both convs and norms run without layout copies.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        out_chs: int = 64,
+        act_layer: str | type[nn.Module] = "GELU",
+        norm_layer: str = "LN",
+        drop_rate: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.conv1 = nn.Conv2d(in_chans, out_chs // 2, 3, stride=2, padding=1, **dd)
+        self.norm1 = norm_nchw(norm_layer, out_chs // 2, out_nhwc=False, **dd)
+        self.act = get_act_layer(act_layer)()
+        self.conv2 = nn.Conv2d(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
+        self.norm2 = norm_nchw(norm_layer, out_chs, out_nhwc=False, **dd)
+        self.drop = nn.Dropout(drop_rate)  # the original's ``pos_drop``
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.act(self.norm1(self.conv1(x)))
+        x = self.norm2(self.conv2(x))
+        return self.drop(x)
+
+
+class InternImageDownsample(nn.Module):
+    """Conv 3x3/2 without bias (C -> 2C) then norm; NCHW in, NHWC ``(N, H/2, W/2, 2C)`` out."""
+
+    def __init__(
+        self, in_chs: int, out_chs: int, norm_layer: str = "LN", device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd)
+        self.norm = norm_nchw(norm_layer, out_chs, out_nhwc=True, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x))
+
+
+class InternImageMlp(nn.Module):
+    """fc1 -> act -> dropout -> fc2 -> dropout on the last dimension (the original MLPLayer).
+
+    Dropout modules are only called when ``drop > 0`` (fewer Python calls per block)."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        act_layer: str | type[nn.Module] = "GELU",
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
+        self.act = get_act_layer(act_layer)()
+        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+        self.drop = nn.Dropout(drop) if drop > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., dim)`` -> ``(..., dim)``."""
+        x = self.act(self.fc1(x))
+        if self.drop is not None:
+            x = self.drop(x)
+        x = self.fc2(x)
+        if self.drop is not None:
+            x = self.drop(x)
+        return x
+
+
+class InternImageBlock(nn.Module):
+    """InternImage layer: DCNv3 token mixer and MLP, each with a residual (NHWC in and out).
+
+    Residual branches, in the original's order of precedence:
+
+    * ``layer_scale`` set: ``x + dp(gamma1 * norm1(dcn(x)))`` with ``post_norm``, else
+      ``x + dp(gamma1 * dcn(norm1(x)))`` (``res_post_norm`` is then ignored, as in the
+      original, though its norms exist);
+    * ``post_norm``: ``x + dp(norm1(dcn(x)))``;
+    * ``res_post_norm``: ``x + dp(res_post_norm1(dcn(norm1(x))))``;
+    * otherwise: ``x + dp(dcn(norm1(x)))``;
+
+    and the same pattern for the MLP with ``norm2`` / ``gamma2`` / ``res_post_norm2``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        group: int,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: str | type[nn.Module] = "GELU",
+        norm_layer: str = "LN",
+        post_norm: bool = False,
+        layer_scale: float | None = None,
+        offset_scale: float = 1.0,
+        dw_kernel_size: int | None = None,
+        res_post_norm: bool = False,
+        center_feature_scale: bool = False,
+        remove_center: bool = False,
+        core_op: str = "DCNv3",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
+        self.dcn = DCNv3(
+            channels=dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1,
+            dilation=1, group=group, offset_scale=offset_scale, act_layer=act_layer,
+            norm_layer=norm_layer, center_feature_scale=center_feature_scale,
+            remove_center=remove_center, core_op=core_op, **dd,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
+        self.mlp = InternImageMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop,
+                                  **dd)
+        self.layer_scale_init = layer_scale
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
+        else:
+            self.register_parameter("gamma1", None)
+            self.register_parameter("gamma2", None)
+        if res_post_norm:
+            self.res_post_norm1 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
+            self.res_post_norm2 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
+        else:
+            self.res_post_norm1 = self.res_post_norm2 = None
+        if layer_scale is not None:
+            self.mode = "ls_post_norm" if post_norm else "ls_pre_norm"
+        elif post_norm:
+            self.mode = "post_norm"
+        elif res_post_norm:
+            self.mode = "res_post_norm"
+        else:
+            self.mode = "pre_norm"
+
+    def _mixer(self, x: Tensor) -> Tensor:
+        mode = self.mode
+        if mode == "pre_norm":
+            return self.dcn(self.norm1(x))
+        if mode == "post_norm":
+            return self.norm1(self.dcn(x))
+        if mode == "res_post_norm":
+            return self.res_post_norm1(self.dcn(self.norm1(x)))
+        if mode == "ls_post_norm":
+            return self.gamma1 * self.norm1(self.dcn(x))
+        return self.gamma1 * self.dcn(self.norm1(x))  # ls_pre_norm
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        mode = self.mode
+        if mode == "pre_norm":
+            return self.mlp(self.norm2(x))
+        if mode == "post_norm":
+            return self.norm2(self.mlp(x))
+        if mode == "res_post_norm":
+            return self.res_post_norm2(self.mlp(self.norm2(x)))
+        if mode == "ls_post_norm":
+            return self.gamma2 * self.norm2(self.mlp(x))
+        return self.gamma2 * self.mlp(self.norm2(x))  # ls_pre_norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, H, W, C)`` -> ``(N, H, W, C)``."""
+        if isinstance(self.drop_path, nn.Identity):
+            x = x + self._mixer(x)
+            return x + self._ffn(x)
+        x = x + self.drop_path(self._mixer(x))
+        return x + self.drop_path(self._ffn(x))
+
+
+class InternImageStage(nn.Module):
+    """One stage: optional downsample, blocks, optional post norms and level norm.
+
+    Input ``(N, C_in, H, W)`` NCHW (channels_last memory); output ``(N, C, H', W')`` NCHW,
+    a free view of the NHWC activations. ``post_norm_block_ids[k]`` names the block after
+    which ``post_norms[k]`` is applied (InternImage-H/G level 2).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        depth: int,
+        group: int,
+        downsample: bool,
+        drop_path_rates: Sequence[float],
+        level_norm: bool,
+        post_norm_block_ids: Sequence[int] | None = None,
+        norm_layer: str = "LN",
+        device=None,
+        dtype=None,
+        **block_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.grad_checkpointing = False
+        self.downsample = (
+            InternImageDownsample(in_chs, out_chs, norm_layer=norm_layer, **dd)
+            if downsample else None
+        )
+        self.blocks = nn.Sequential(*[
+            InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], norm_layer=norm_layer,
+                             **block_kwargs, **dd)
+            for i in range(depth)
+        ])
+        if post_norm_block_ids:
+            ids = [int(i) for i in post_norm_block_ids]
+            bad = [i for i in ids if not 0 <= i < depth]
+            if bad:
+                raise ValueError(
+                    f"level2_post_norm_block_ids must index the {depth} blocks of level 2 "
+                    f"(0..{depth - 1}), got {list(post_norm_block_ids)}"
+                )
+            self.post_norm_block_ids = ids
+            self.post_norms = nn.ModuleList(
+                [nn.LayerNorm(out_chs, eps=LN_EPS, **dd) for _ in ids]
+            )
+        else:
+            self.post_norm_block_ids = []
+            self.post_norms = None
+        self.norm = nn.LayerNorm(out_chs, eps=LN_EPS, **dd) if level_norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        else:
+            x = x.permute(0, 2, 3, 1)
+        use_checkpoint = (
+            self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        )
+        if not self.post_norm_block_ids and not use_checkpoint:
+            x = self.blocks(x)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = checkpoint(block, x) if use_checkpoint else block(x)
+                if i in self.post_norm_block_ids:
+                    x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+        x = self.norm(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvClassifierHead(nn.Module):
+    """Conv head of T/S/B/L/XL: 1x1 conv (no bias) -> BN -> act -> pool -> dropout -> fc.
+
+    Input ``(N, C, H, W)``. Output ``(N, num_classes)``; ``(N, hidden)`` with ``pre_logits``
+    (the original ``forward_features`` vector); 4-D ``(N, hidden or num_classes, H, W)`` when
+    ``pool_type == ''`` (the fc then acts per pixel).
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        hidden_size: int,
+        num_classes: int,
+        pool_type: str = "avg",
+        drop_rate: float = 0.0,
+        act_layer: str | type[nn.Module] = "GELU",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.in_features = in_chs
+        self.conv = nn.Conv2d(in_chs, hidden_size, 1, bias=False, **dd)
+        self.norm = nn.BatchNorm2d(hidden_size, **dd)
+        self.act = get_act_layer(act_layer)()
+        self.num_features = hidden_size
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = self._make_fc(num_classes, **dd)
+
+    def _make_fc(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        in_features = self.num_features * self.global_pool.feat_mult()
+        if num_classes > 0:
+            return nn.Linear(in_features, num_classes, device=device, dtype=dtype)
+        return nn.Identity()
+
+    def reset(
+        self, num_classes: int, pool_type: str | None = None, reset_other: bool = False
+    ) -> None:
+        """New classifier; ``reset_other`` also removes the conv/BN/act pre-logits layers."""
+        if reset_other:
+            self.conv, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+            self.num_features = self.in_features
+        if pool_type is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        ref = next(self.parameters(), None)
+        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+        self.fc = self._make_fc(num_classes, **dd)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.act(self.norm(self.conv(x)))
+        x = self.drop(self.global_pool(x))
+        if pre_logits:
+            return x
+        if self.global_pool.is_identity() and not isinstance(self.fc, nn.Identity):
+            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-pixel classifier
+        return self.fc(x)
+
+
+@register_notrace_module  # a leaf for torch.fx (it checks the two map sizes)
+class ClipFusion(nn.Module):
+    """H/G feature fusion: ``shuffle(proj_x4(stage 4)) + proj_x3(stage 3)``.
+
+    ``proj_x4`` is a 1x1 conv (with bias) to ``embed_dim * upsample**2`` channels followed by
+    PixelShuffle(upsample); ``proj_x3`` a 1x1 conv to ``embed_dim``. Inputs NCHW; output
+    ``(N, embed_dim, H3, W3)`` at stage-3 resolution, so stage 3 must be exactly twice stage 4
+    (input sides divisible by 32).
+    """
+
+    def __init__(
+        self,
+        in_chs_x3: int,
+        in_chs_x4: int,
+        embed_dim: int = CLIP_EMBED_DIM,
+        upsample: int = CLIP_UPSAMPLE,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.proj_x4 = nn.Conv2d(in_chs_x4, embed_dim * upsample**2, 1, **dd)
+        self.shuffle = nn.PixelShuffle(upsample)
+        self.proj_x3 = nn.Conv2d(in_chs_x3, embed_dim, 1, **dd)
+
+    def forward(self, x3: Tensor, x4: Tensor) -> Tensor:
+        up = self.shuffle(self.proj_x4(x4))
+        if up.shape[-2:] != x3.shape[-2:]:
+            raise ValueError(
+                "InternImage clip head: the upsampled stage-4 map must match the stage-3 map, "
+                f"got {tuple(up.shape[-2:])} and {tuple(x3.shape[-2:])}; use input sides "
+                "divisible by 32"
+            )
+        return up + self.proj_x3(x3)
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling of the original ``clip_projector`` (AttentionPoolingBlock).
+
+    Tokens ``(N, L, dim)`` -> ``(N, out_dim)``: the query is the token mean; q, k, v come from
+    separate LayerNorms and bias-free Linears plus learnable ``q_bias`` / ``k_bias`` /
+    ``v_bias``; multi-head softmax attention; ``proj`` to ``out_dim``. No residual, no MLP.
+    """
+
+    def __init__(
+        self,
+        dim: int = CLIP_EMBED_DIM,
+        num_heads: int = CLIP_NUM_HEADS,
+        out_dim: int = CLIP_OUT_DIM,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got {dim} and {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.norm_q = nn.LayerNorm(dim, eps=LN_EPS, **dd)
+        self.norm_k = nn.LayerNorm(dim, eps=LN_EPS, **dd)
+        self.norm_v = nn.LayerNorm(dim, eps=LN_EPS, **dd)
+        self.q = nn.Linear(dim, dim, bias=False, **dd)
+        self.k = nn.Linear(dim, dim, bias=False, **dd)
+        self.v = nn.Linear(dim, dim, bias=False, **dd)
+        self.q_bias = nn.Parameter(torch.zeros(dim, **dd))
+        self.k_bias = nn.Parameter(torch.zeros(dim, **dd))
+        self.v_bias = nn.Parameter(torch.zeros(dim, **dd))
+        self.proj = nn.Linear(dim, out_dim, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, dim = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q = F.linear(self.norm_q(x.mean(1, keepdim=True)), self.q.weight, self.q_bias)
+        k = F.linear(self.norm_k(x), self.k.weight, self.k_bias)
+        v = F.linear(self.norm_v(x), self.v.weight, self.v_bias)
+        q = q.view(n, 1, heads, head_dim).transpose(1, 2) * self.scale
+        k = k.view(n, length, heads, head_dim).transpose(1, 2)
+        v = v.view(n, length, heads, head_dim).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, L)
+        out = (attn @ v).transpose(1, 2).reshape(n, dim)
+        return self.proj(out)
+
+
+class ClipClassifierHead(nn.Module):
+    """H/G head: attention pooling -> LN (the original ``fc_norm``) -> dropout -> fc.
+
+    Input: the fused ``(N, in_chs, H, W)`` map. ``pool_type`` 'attn' (default) pools with
+    :class:`AttentionPool` to ``(N, 768)``; '' returns the map unchanged (4-D, no classifier
+    when ``num_classes == 0``). After ``reset(..., reset_other=True)`` the attention pool and
+    norm are gone and any timm pool type ('avg', ...) pools the ``in_chs``-wide map.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        num_classes: int,
+        pool_type: str = "attn",
+        drop_rate: float = 0.0,
+        num_heads: int = CLIP_NUM_HEADS,
+        out_dim: int = CLIP_OUT_DIM,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.in_features = in_chs
+        self.attn_pool: AttentionPool | None = AttentionPool(in_chs, num_heads, out_dim, **dd)
+        self.norm = nn.LayerNorm(out_dim, eps=LN_EPS, **dd)
+        self.num_features = out_dim
+        self._set_pool(pool_type)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = self._make_fc(num_classes, **dd)
+
+    def _set_pool(self, pool_type: str) -> None:
+        if self.attn_pool is not None and pool_type not in ("attn", ""):
+            raise ValueError(
+                "global_pool of an InternImage clip head must be 'attn' or '' (use "
+                f"reset_classifier(..., reset_other=True) for other pools), got {pool_type!r}"
+            )
+        if self.attn_pool is None and pool_type == "attn":
+            pool_type = "avg"
+        self.pool_type = pool_type
+        self.global_pool = (
+            SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+            if pool_type not in ("attn", "") else nn.Identity()
+        )
+
+    def _make_fc(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        if num_classes > 0:
+            width = self.num_features if self.pool_type != "" else self.in_features
+            return nn.Linear(width, num_classes, device=device, dtype=dtype)
+        return nn.Identity()
+
+    def reset(
+        self, num_classes: int, pool_type: str | None = None, reset_other: bool = False
+    ) -> None:
+        """New classifier; ``reset_other`` also removes the attention pool and its norm."""
+        if reset_other:
+            self.attn_pool = None
+            self.norm = nn.Identity()
+            self.num_features = self.in_features
+        self._set_pool(self.pool_type if pool_type is None else pool_type)
+        ref = next(self.parameters(), None)
+        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+        self.fc = self._make_fc(num_classes, **dd)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.pool_type == "attn":
+            x = self.norm(self.attn_pool(x.flatten(2).transpose(1, 2)))
+        elif self.pool_type != "":
+            x = self.norm(self.global_pool(x))
+        x = self.drop(x)
+        if pre_logits:
+            return x
+        if self.pool_type == "" and not isinstance(self.fc, nn.Identity):
+            return self.fc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-pixel classifier
+        return self.fc(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def _as_list(name: str, value: Any, length: int | None = None) -> list[int]:
+    if isinstance(value, int | bool) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
+    values = list(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"{name} must contain positive ints, got {values}")
+    if length is not None and len(values) != length:
+        raise ValueError(f"{name} must have {length} entries (one per level), got {values}")
+    return values
+
+
+class InternImage(nn.Module):
+    """InternImage with the original constructor's keywords plus timm's.
+
+    Original keywords (defaults as in the original ``InternImage.__init__``): ``core_op``
+    ('DCNv3' compiled kernels or 'DCNv3_pytorch' reference), ``channels``, ``depths``,
+    ``groups``, ``num_classes``, ``mlp_ratio``, ``drop_rate`` (dropout after the stem and in
+    the MLPs, as in the original), ``drop_path_rate``, ``drop_path_type`` ('linear' or
+    'uniform'), ``act_layer``, ``norm_layer``, ``layer_scale``, ``offset_scale``,
+    ``post_norm``, ``cls_scale``, ``with_cp`` (gradient checkpointing), ``dw_kernel_size``,
+    ``use_clip_projector``, ``level2_post_norm``, ``level2_post_norm_block_ids``,
+    ``res_post_norm``, ``center_feature_scale``, ``remove_center``.
+
+    timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
+    the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
+    ``device``, ``dtype``. Unknown keywords are ignored with a warning (the original ignores
+    them silently).
+
+    Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
+    ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
+    ``(N, 1024, H/16, W/16)`` map (clip head, ``num_features = 1024``).
+    ``forward_head(pre_logits=True)`` gives the original ``forward_features`` vector
+    (width ``head_hidden_size``: ``int(8C * cls_scale)`` or 768).
+    """
+
+    def __init__(
+        self,
+        core_op: str = "DCNv3",
+        channels: int = 64,
+        depths: Sequence[int] = (3, 4, 18, 5),
+        groups: Sequence[int] = (3, 6, 12, 24),
+        num_classes: int = 1000,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        drop_path_type: str = "linear",
+        act_layer: str | type[nn.Module] = "GELU",
+        norm_layer: str = "LN",
+        layer_scale: float | None = None,
+        offset_scale: float = 1.0,
+        post_norm: bool = False,
+        cls_scale: float = 1.5,
+        with_cp: bool = False,
+        dw_kernel_size: int | None = None,
+        use_clip_projector: bool = False,
+        level2_post_norm: bool = False,
+        level2_post_norm_block_ids: Sequence[int] | None = None,
+        res_post_norm: bool = False,
+        center_feature_scale: bool = False,
+        remove_center: bool = False,
+        in_chans: int = 3,
+        global_pool: str | None = None,
+        head_drop_rate: float = 0.0,
+        device=None,
+        dtype=None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            warnings.warn(
+                f"InternImage: ignoring unknown keyword arguments {sorted(kwargs)}",
+                stacklevel=2,
+            )
+        dd = dict(device=device, dtype=dtype)
+        if core_op not in CORE_OPS:
+            raise ValueError(f"core_op must be one of {list(CORE_OPS)}, got {core_op!r}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
+            raise ValueError(f"channels must be an int >= 2, got {channels!r}")
+        depths = _as_list("depths", depths)
+        groups = _as_list("groups", groups, len(depths))
+        num_levels = len(depths)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if drop_path_type not in ("linear", "uniform"):
+            raise ValueError(
+                f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}"
+            )
+        check_norm_layer(norm_layer)
+        get_act_layer(act_layer)
+        if use_clip_projector:
+            if num_levels < 2:
+                raise ValueError(f"use_clip_projector needs >= 2 levels, got depths={depths}")
+            if norm_layer != "LN":
+                raise ValueError(
+                    f"use_clip_projector needs norm_layer='LN' (the original fails otherwise), "
+                    f"got {norm_layer!r}"
+                )
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.core_op = core_op
+        self.channels = channels
+        self.depths = depths
+        self.use_clip_projector = use_clip_projector
+        self.level2_post_norm_block_ids = (
+            list(level2_post_norm_block_ids) if level2_post_norm_block_ids is not None else None
+        )
+
+        self.stem = InternImageStem(in_chans, channels, act_layer, norm_layer, drop_rate, **dd)
+
+        # Stochastic depth: the original's linspace (float32, computed on the CPU so that
+        # construction under ``torch.device('meta')`` works).
+        total = sum(depths)
+        if drop_path_type == "uniform":
+            dpr = [float(drop_path_rate)] * total
+        else:
+            dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
+        level_norm = not post_norm or center_feature_scale
+        stages = []
+        self.feature_info = []
+        in_chs = channels
+        for i in range(num_levels):
+            out_chs = channels * 2**i
+            stages.append(InternImageStage(
+                in_chs, out_chs, depths[i], groups[i], downsample=i > 0,
+                drop_path_rates=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                level_norm=level_norm,
+                post_norm_block_ids=(
+                    level2_post_norm_block_ids if level2_post_norm and i == 2 else None
+                ),
+                norm_layer=norm_layer, mlp_ratio=mlp_ratio, drop=drop_rate,
+                act_layer=act_layer, post_norm=post_norm, layer_scale=layer_scale,
+                offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
+                res_post_norm=res_post_norm, center_feature_scale=center_feature_scale,
+                remove_center=remove_center, core_op=core_op, **dd,
+            ))
+            self.feature_info.append(
+                dict(num_chs=out_chs, reduction=4 * 2**i, module=f"stages.{i}")
+            )
+            in_chs = out_chs
+        self.stages = nn.Sequential(*stages)
+        final_chs = in_chs
+
+        if use_clip_projector:
+            self.fuse: ClipFusion | None = ClipFusion(final_chs // 2, final_chs, **dd)
+            self.num_features = CLIP_EMBED_DIM
+            self.head = ClipClassifierHead(
+                CLIP_EMBED_DIM, num_classes, pool_type="attn" if global_pool is None
+                else global_pool, drop_rate=head_drop_rate, **dd,
+            )
+        else:
+            self.fuse = None
+            self.num_features = final_chs
+            self.head = ConvClassifierHead(
+                final_chs, int(final_chs * cls_scale), num_classes,
+                pool_type="avg" if global_pool is None else global_pool,
+                drop_rate=head_drop_rate, act_layer=act_layer, **dd,
+            )
+        self.head_hidden_size = self.head.num_features
+
+        self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, DCNv3):
+                module.reset_parameters()
+        if with_cp:
+            self.set_grad_checkpointing(True)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """The original init: trunc-normal(0.02) Linear weights with zero bias, unit LNs."""
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # --- timm API ---------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise LR decay: the stem, then each block in order.
+
+        A stage's downsample joins its first block; the level norm and the level-2 post norm
+        after block ``b`` join block ``b``; the fusion/heads are unmatched (last group).
+        """
+        if coarse:
+            return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
+        blocks: list = [
+            (r"^stages\.(\d+)\.downsample", (0,)),
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+        ]
+        for stage_index, stage in enumerate(self.stages):
+            for k, block_id in enumerate(stage.post_norm_block_ids):
+                blocks.append(
+                    (rf"^stages\.{stage_index}\.post_norms\.{k}\.",
+                     (stage_index, block_id, 99999))
+                )
+        blocks.append((r"^stages\.(\d+)\.norm\.", (99999,)))
+        return dict(stem=r"^stem", blocks=blocks)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (the original ``with_cp``)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Name patterns without weight decay (all 1-D as well, which timm excludes anyway)."""
+        return {"*.gamma1", "*.gamma2", "*center_feature_scale_proj_bias", "*.q_bias",
+                "*.k_bias", "*.v_bias"}
+
+    @torch.jit.ignore
+    def dcn_offset_param_names(self) -> list[str]:
+        """Parameters the original trains with a reduced LR (``DCN_LR_MUL``): see
+        :func:`dcn_offset_param_names`."""
+        return dcn_offset_param_names(self)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(
+        self, num_classes: int, global_pool: str | None = None, reset_other: bool = False
+    ) -> None:
+        """Replace the classifier; ``global_pool=''`` keeps the 4-D map, ``reset_other``
+        removes the conv head (T..XL) or the attention pool and its norm (H/G)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs (post level norm, pre downsample, as the original's det/seg
+        backbones expose them), NCHW ``(N, C * 2**i, H / 2**(i+2), W / 2**(i+2))`` or NHWC.
+
+        ``indices``: an int takes the last n stages, a list the given ones, None all.
+        Returns ``(final, intermediates)`` where ``final == forward_features(x)``, or only
+        the intermediates. ``norm`` is accepted for timm compatibility (the level norms are
+        part of the stages; there is no extra final norm).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        x = self.stem(x)
+        x3 = x
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i == len(self.stages) - 2:
+                x3 = x
+            if i in take_indices:
+                intermediates.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        if self.fuse is not None and len(stages) == len(self.stages):
+            x = self.fuse(x3, x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last wanted index (and the fusion and head)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.fuse = None
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.head.in_features = self.num_features
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(N, in_chans, H, W)`` -> NCHW final map (see the class docstring)."""
+        x = self.stem(x)
+        if self.fuse is None:
+            return self.stages(x)
+        x3 = x
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i == len(self.stages) - 2:
+                x3 = x
+        return self.fuse(x3, x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def dcn_offset_param_names(model: nn.Module) -> list[str]:
+    """Names of the parameters the original fine-tuning recipe trains at ``DCN_LR_MUL`` (0.1)
+    times the LR: those containing ``offset`` or ``center_feature_scale_proj`` (the original
+    also lists ``attention_weights`` and ``alpha_beta``, absent from these models)."""
+    keys = ("offset", "center_feature_scale_proj", "attention_weights", "alpha_beta")
+    return [name for name, _ in model.named_parameters() if any(k in name for k in keys)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint filter
+
+# Original / transformers-port key -> this layout. Applied in order, first match wins.
+_KEY_RULES: tuple[tuple[re.Pattern, Any], ...] = tuple((re.compile(p), r) for p, r in (
+    (r"^patch_embed\.conv([12])\.", r"stem.conv\1."),
+    (r"^patch_embed\.norm([12])\.[01]\.", r"stem.norm\1."),
+    (r"^levels\.(\d+)\.downsample\.conv\.",
+     lambda m: f"stages.{int(m.group(1)) + 1}.downsample.conv."),
+    (r"^levels\.(\d+)\.downsample\.norm\.[01]\.",
+     lambda m: f"stages.{int(m.group(1)) + 1}.downsample.norm."),
+    (r"^levels\.(\d+)\.norm\.0\.", r"stages.\1.norm."),
+    (r"^levels\.(\d+)\.post_norms\.(\d+)\.0\.", r"stages.\1.post_norms.\2."),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.(norm[12]|res_post_norm[12])\.0\.",
+     r"stages.\1.blocks.\2.\3."),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.dcn\.dw_conv\.0\.", r"stages.\1.blocks.\2.dcn.dw_conv."),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.dcn\.dw_conv\.1\.[01]\.",
+     r"stages.\1.blocks.\2.dcn.dw_norm."),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.(?:gamma|layer_scale)([12])$",
+     r"stages.\1.blocks.\2.gamma\3"),
+    (r"^levels\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^conv_head\.0\.", "head.conv."),
+    (r"^conv_head\.1\.0\.", "head.norm."),
+    (r"^dcnv3_head_x4\.0\.", "fuse.proj_x4."),
+    (r"^dcnv3_head_x3\.", "fuse.proj_x3."),
+    (r"^clip_projector\.norm1_([qkv])\.0\.", r"head.attn_pool.norm_\1."),
+    (r"^clip_projector\.cross_dcn\.", "head.attn_pool."),
+    (r"^fc_norm\.0\.", "head.norm."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+))
+_ORIGINAL_ROOTS = ("patch_embed.", "levels.", "conv_head.", "head.", "dcnv3_head_x4.",
+                   "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
+_WRAPPER_KEYS = ("model", "state_dict", "module")
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "student.")
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    for _ in range(4):  # nested wrappers such as {'state_dict': {'model': ...}}
+        for key in _WRAPPER_KEYS:
+            inner = state_dict.get(key)
+            if isinstance(inner, Mapping):
+                state_dict = inner
+                break
+        else:
+            return state_dict
+    return state_dict
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+        # transformers port: every key under 'model.'
+        if key.startswith("model.") and key[len("model."):].startswith(_ORIGINAL_ROOTS):
+            key, changed = key[len("model."):], True
+    return key
+
+
+def _convert_key(key: str) -> str:
+    for pattern, replacement in _KEY_RULES:
+        new_key, count = pattern.subn(replacement, key, count=1)
+        if count:
+            return new_key
+    return key
+
+
+def _centre_removed(tensor: Tensor, group: int, points: int, pairs: int) -> Tensor:
+    """Drops the centre tap from offset (pairs=2) / mask (pairs=1) rows: the point
+    ``taps // 2`` of each group (width-outer / height-inner order, odd square kernel)."""
+    taps = points + 1
+    rows = tensor.reshape(group, taps, pairs, *tensor.shape[1:])
+    keep = [p for p in range(taps) if p != taps // 2]
+    return rows[:, keep].reshape(group * points * pairs, *tensor.shape[1:])
+
+
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: nn.Module | None = None
+) -> dict[str, Any]:
+    """Converts an original InternImage state dict into this model's layout.
+
+    Accepts the raw state dict or one under 'model' / 'state_dict' / 'module', strips
+    ``module.``, ``_orig_mod.``, ``backbone.`` and ``student.`` prefixes and the transformers
+    port's ``model.`` prefix (and its ``layer_scale1/2`` names for ``gamma1/2``), and renames
+    the keys (``patch_embed`` -> ``stem``, ``levels.i.downsample`` -> ``stages.{i+1}``
+    .downsample, ``conv_head``/``head`` -> ``head.conv/norm/fc``, clip head -> ``fuse`` and
+    ``head.attn_pool/norm/fc``, ...). Keys of a dict already in this layout are kept
+    (prefixes stripped).
+
+    With ``model`` given it also adapts to the model (a no-op when nothing needs it): 3x3
+    checkpoints are converted for a
+    ``remove_center`` model by dropping the centre offset/mask rows, and layer-scale gammas
+    the checkpoint lacks (T used with ``layer_scale`` as in the detection configs) are set to
+    the model's ``layer_scale`` init value. The 22k -> 1k head slicing of the original
+    (``map22kto1k.txt``) is not applied; timm drops a head whose size differs.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    state_dict = _unwrap(state_dict)
+    out = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    if not any(k.startswith(("stem.", "stages.")) for k in out):  # else: already this layout
+        out = {_convert_key(k): v for k, v in out.items()}
+    if model is None:
+        return out
+
+    model_state = model.state_dict()
+    for key, value in list(out.items()):
+        target = model_state.get(key)
+        if target is None or not isinstance(value, Tensor) or target.shape == value.shape:
+            continue
+        match = re.search(r"\.dcn\.(offset|mask)\.(weight|bias)$", key)
+        if match is not None:
+            dcn = model.get_submodule(key.rsplit(".", 2)[0])
+            pairs = 2 if match.group(1) == "offset" else 1
+            if dcn.remove_center and value.shape[0] == dcn.group * (dcn.points + 1) * pairs:
+                out[key] = _centre_removed(value, dcn.group, dcn.points, pairs)
+    for key, target in model_state.items():
+        if re.search(r"\.gamma[12]$", key) and key not in out:
+            block = model.get_submodule(key.rsplit(".", 1)[0])
+            out[key] = torch.full(target.shape, float(block.layer_scale_init),
+                                  dtype=target.dtype, device="cpu")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
+    return build_model_with_cfg(
+        InternImage,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 1.0,  # the original evaluates Resize(img_size) + CenterCrop(img_size)
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "license": "mit",
+        "paper_ids": "arXiv:2211.05778",
+        "paper_name": "InternImage: Exploring Large-Scale Vision Foundation Models with "
+                      "Deformable Convolutions",
+        "origin_url": "https://github.com/OpenGVLab/InternImage",
+        **kwargs,
+    }
+
+
+_HUB = "OpenGVLab/InternImage"
+
+
+def _hub(filename: str, size: int, stride: int = 32, **kwargs: Any) -> dict[str, Any]:
+    return _cfg(
+        hf_hub_id=_HUB, hf_hub_filename=filename, input_size=(3, size, size),
+        pool_size=(size // stride, size // stride), **kwargs,
+    )
+
+
+_IN22K = dict(num_classes=21841)
+
+default_cfgs = generate_default_cfgs({
+    "internimage_t.in1k": _hub("internimage_t_1k_224.pth", 224),
+    "internimage_s.in1k": _hub("internimage_s_1k_224.pth", 224),
+    "internimage_b.in1k": _hub("internimage_b_1k_224.pth", 224),
+    "internimage_l.in22k_ft_in1k_384": _hub("internimage_l_22kto1k_384.pth", 384),
+    "internimage_l.in22k_384": _hub(
+        "internimage_l_22k_192to384.pth", 384, notes=("ImageNet-22k, 192 then 384",), **_IN22K),
+    "internimage_xl.in22k_ft_in1k_384": _hub("internimage_xl_22kto1k_384.pth", 384),
+    "internimage_xl.in22k_384": _hub(
+        "internimage_xl_22k_192to384.pth", 384, notes=("ImageNet-22k, 192 then 384",),
+        **_IN22K),
+    "internimage_h.in22k_ft_in1k_640": _hub("internimage_h_22kto1k_640.pth", 640, stride=16),
+    "internimage_h.in22k_384": _hub(
+        "internimage_h_jointto22k_384.pth", 384, stride=16,
+        notes=("joint (public + private) pre-training, then ImageNet-22k",), **_IN22K),
+    "internimage_g.in22k_ft_in1k_512": _hub("internimage_g_22kto1k_512.pth", 512, stride=16),
+    "internimage_g.in22k_384": _hub(
+        "internimage_g_pretrainto22k_384.pth", 384, stride=16,
+        notes=("large-scale pre-training, then ImageNet-22k",), **_IN22K),
+})
+
+# Architectures of the released models (classification configs). Training-only settings
+# (drop_path_rate, with_cp) are left to the caller; timm convention is drop_path_rate 0.
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "t": dict(channels=64, depths=[4, 4, 18, 4], groups=[4, 8, 16, 32]),
+    "s": dict(channels=80, depths=[4, 4, 21, 4], groups=[5, 10, 20, 40], layer_scale=1e-5,
+              post_norm=True),
+    "b": dict(channels=112, depths=[4, 4, 21, 4], groups=[7, 14, 28, 56], layer_scale=1e-5,
+              post_norm=True),
+    "l": dict(channels=160, depths=[5, 5, 22, 5], groups=[10, 20, 40, 80], layer_scale=1e-5,
+              offset_scale=2.0, post_norm=True),
+    "xl": dict(channels=192, depths=[5, 5, 24, 5], groups=[12, 24, 48, 96], layer_scale=1e-5,
+               offset_scale=2.0, post_norm=True),
+    "h": dict(channels=320, depths=[6, 6, 32, 6], groups=[10, 20, 40, 80], res_post_norm=True,
+              dw_kernel_size=5, level2_post_norm=True,
+              level2_post_norm_block_ids=[5, 11, 17, 23, 29], center_feature_scale=True,
+              use_clip_projector=True),
+    "g": dict(channels=512, depths=[2, 2, 48, 4], groups=[16, 32, 64, 128], post_norm=True,
+              dw_kernel_size=5, level2_post_norm=True,
+              level2_post_norm_block_ids=[5, 11, 17, 23, 29, 35, 41, 47],
+              center_feature_scale=True, use_clip_projector=True),
+}
+
+
+def _variant(name: str, pretrained: bool, kwargs: dict[str, Any]) -> InternImage:
+    model_args = dict(_VARIANTS[name], drop_path_rate=0.0)
+    return _create_internimage(f"internimage_{name}", pretrained=pretrained,
+                               **dict(model_args, **kwargs))
+
+
+@register_model
+def internimage_t(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-T (30M): C 64, depths 4-4-18-4, groups 4-8-16-32."""
+    return _variant("t", pretrained, kwargs)
+
+
+@register_model
+def internimage_s(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-S (50M): C 80, depths 4-4-21-4, layer scale, post-norm."""
+    return _variant("s", pretrained, kwargs)
+
+
+@register_model
+def internimage_b(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-B (97M): C 112, depths 4-4-21-4, layer scale, post-norm."""
+    return _variant("b", pretrained, kwargs)
+
+
+@register_model
+def internimage_l(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-L (223M): C 160, depths 5-5-22-5, layer scale, post-norm, offset_scale 2."""
+    return _variant("l", pretrained, kwargs)
+
+
+@register_model
+def internimage_xl(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-XL (335M): C 192, depths 5-5-24-5, layer scale, post-norm, offset_scale 2."""
+    return _variant("xl", pretrained, kwargs)
+
+
+@register_model
+def internimage_h(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-H (1.08B): C 320, depths 6-6-32-6, gc 32, clip-projector head."""
+    return _variant("h", pretrained, kwargs)
+
+
+@register_model
+def internimage_g(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-G (3B): C 512, depths 2-2-48-4, gc 32, post-norm, clip-projector head."""
+    return _variant("g", pretrained, kwargs)

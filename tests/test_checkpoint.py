@@ -1,0 +1,277 @@
+"""Checkpoint filter (original / transformers-port keys), safe loading and conversion."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from internimage import InternImage, checkpoint_filter_fn, convert_checkpoint
+from internimage.checkpoint import UnsafeCheckpointError, load_original_checkpoint
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def load_golden(name: str) -> dict:
+    path = GOLDEN_DIR / name
+    if not path.is_file():
+        pytest.fail(
+            f"golden file {path} is missing: these tests need the shared golden vectors in "
+            f"{GOLDEN_DIR} (see its README.md); they are never skipped"
+        )
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def golden_b() -> dict:
+    return load_golden("model_b_like_layerscale_postnorm.pt")
+
+
+@pytest.fixture(scope="module")
+def golden_h() -> dict:
+    return load_golden("model_h_like_clip.pt")
+
+
+def model_for(golden: dict, **kwargs) -> InternImage:
+    return InternImage(**dict(golden["config"], **kwargs))
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+# --- filter -------------------------------------------------------------------------------------
+
+
+def test_filter_maps_original_keys(golden_h: dict) -> None:
+    model = model_for(golden_h)
+    converted = checkpoint_filter_fn(golden_h["state_dict"], model)
+    assert set(converted) == set(model.state_dict())
+    sd = golden_h["state_dict"]
+    pairs = {
+        "patch_embed.conv1.weight": "stem.conv1.weight",
+        "patch_embed.norm1.1.weight": "stem.norm1.weight",
+        "patch_embed.norm2.1.bias": "stem.norm2.bias",
+        "levels.0.downsample.conv.weight": "stages.1.downsample.conv.weight",
+        "levels.2.downsample.norm.1.weight": "stages.3.downsample.norm.weight",
+        "levels.1.norm.0.weight": "stages.1.norm.weight",
+        "levels.2.post_norms.1.0.bias": "stages.2.post_norms.1.bias",
+        "levels.2.blocks.1.norm1.0.weight": "stages.2.blocks.1.norm1.weight",
+        "levels.2.blocks.1.res_post_norm2.0.weight": "stages.2.blocks.1.res_post_norm2.weight",
+        "levels.3.blocks.0.dcn.dw_conv.0.weight": "stages.3.blocks.0.dcn.dw_conv.weight",
+        "levels.3.blocks.0.dcn.dw_conv.1.1.weight": "stages.3.blocks.0.dcn.dw_norm.weight",
+        "levels.3.blocks.0.dcn.offset.weight": "stages.3.blocks.0.dcn.offset.weight",
+        "levels.3.blocks.0.dcn.center_feature_scale_proj_weight":
+            "stages.3.blocks.0.dcn.center_feature_scale_proj_weight",
+        "levels.0.blocks.0.mlp.fc2.bias": "stages.0.blocks.0.mlp.fc2.bias",
+        "dcnv3_head_x4.0.weight": "fuse.proj_x4.weight",
+        "dcnv3_head_x3.bias": "fuse.proj_x3.bias",
+        "clip_projector.norm1_k.0.weight": "head.attn_pool.norm_k.weight",
+        "clip_projector.cross_dcn.v_bias": "head.attn_pool.v_bias",
+        "clip_projector.cross_dcn.q.weight": "head.attn_pool.q.weight",
+        "clip_projector.cross_dcn.proj.bias": "head.attn_pool.proj.bias",
+        "fc_norm.0.weight": "head.norm.weight",
+        "head.weight": "head.fc.weight",
+    }
+    for original, ours in pairs.items():
+        assert original in sd, original
+        assert converted[ours] is sd[original], (original, ours)
+
+
+def test_filter_maps_conv_head_and_gammas(golden_b: dict) -> None:
+    model = model_for(golden_b)
+    sd = golden_b["state_dict"]
+    converted = checkpoint_filter_fn(sd, model)
+    assert set(converted) == set(model.state_dict())
+    assert converted["head.conv.weight"] is sd["conv_head.0.weight"]
+    assert converted["head.norm.running_var"] is sd["conv_head.1.0.running_var"]
+    assert converted["head.norm.num_batches_tracked"] is sd["conv_head.1.0.num_batches_tracked"]
+    assert converted["stages.2.blocks.1.gamma2"] is sd["levels.2.blocks.1.gamma2"]
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", "module", None])
+@pytest.mark.parametrize("prefix", ["", "module.", "backbone.", "module.backbone."])
+def test_filter_unwraps_and_strips_prefixes(golden_b: dict, wrapper: str | None,
+                                            prefix: str) -> None:
+    model = model_for(golden_b)
+    expected = checkpoint_filter_fn(golden_b["state_dict"], model)
+    sd = {prefix + k: v for k, v in golden_b["state_dict"].items()}
+    checkpoint = {wrapper: sd, "epoch": 3} if wrapper else sd
+    assert_same_state(checkpoint_filter_fn(checkpoint, model), expected)
+
+
+def test_filter_transformers_port_keys(golden_b: dict) -> None:
+    """The HF port: every key under 'model.', gamma1/2 renamed layer_scale1/2."""
+    model = model_for(golden_b)
+    expected = checkpoint_filter_fn(golden_b["state_dict"], model)
+    hf = {}
+    for key, value in golden_b["state_dict"].items():
+        key = key.replace(".gamma1", ".layer_scale1").replace(".gamma2", ".layer_scale2")
+        hf["model." + key] = value
+    assert any(k.endswith("layer_scale1") for k in hf)
+    assert_same_state(checkpoint_filter_fn(hf, model), expected)
+    assert_same_state(checkpoint_filter_fn({"model": hf}, model), expected)
+
+
+def test_filter_passes_converted_dicts_through(golden_b: dict) -> None:
+    model = model_for(golden_b)
+    converted = checkpoint_filter_fn(golden_b["state_dict"], model)
+    assert_same_state(checkpoint_filter_fn(converted, model), converted)
+    ddp = {"module." + k: v for k, v in converted.items()}
+    assert_same_state(checkpoint_filter_fn({"state_dict": ddp}, model), converted)
+    assert_same_state(checkpoint_filter_fn(golden_b["state_dict"]), converted)  # no model
+
+
+def test_filter_rejects_non_mappings() -> None:
+    with pytest.raises(ValueError, match="mapping"):
+        checkpoint_filter_fn([1, 2, 3])
+
+
+def test_filter_converts_3x3_checkpoint_to_remove_center(golden_b: dict) -> None:
+    model = model_for(golden_b, remove_center=True)
+    sd = golden_b["state_dict"]
+    converted = checkpoint_filter_fn(sd, model)
+    result = model.load_state_dict(converted)
+    assert not result.missing_keys and not result.unexpected_keys
+    group = model.stages[2].blocks[0].dcn.group
+    offset = sd["levels.2.blocks.0.dcn.offset.weight"].reshape(group, 9, 2, -1)
+    mask = sd["levels.2.blocks.0.dcn.mask.bias"].reshape(group, 9)
+    keep = [0, 1, 2, 3, 5, 6, 7, 8]  # the centre tap of a 3x3 kernel is point 4
+    torch.testing.assert_close(converted["stages.2.blocks.0.dcn.offset.weight"],
+                               offset[:, keep].reshape(group * 16, -1))
+    torch.testing.assert_close(converted["stages.2.blocks.0.dcn.mask.bias"],
+                               mask[:, keep].reshape(group * 8))
+
+
+def test_filter_fills_missing_layer_scale_from_model() -> None:
+    """T checkpoints have no gammas; detection configs use T with layer_scale=1.0."""
+    golden = load_golden("model_t_like.pt")
+    model = model_for(golden, layer_scale=1.0)
+    converted = checkpoint_filter_fn(golden["state_dict"], model)
+    result = model.load_state_dict(converted)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(model.stages[1].blocks[0].gamma1, torch.ones(32))
+
+
+# --- safe loading -------------------------------------------------------------------------------
+
+EXECUTED = []
+
+
+class FakeYacsConfig:
+    """Stands in for the yacs CfgNode pickled by the original save_checkpoint."""
+
+    def __init__(self) -> None:
+        self.MODEL = "intern_image"
+
+    def __setstate__(self, state: dict) -> None:  # would run if the file were unpickled
+        EXECUTED.append(state)
+        self.__dict__.update(state)
+
+
+def save_training_checkpoint(path: Path, state_dict: dict) -> None:
+    torch.save({"model": state_dict, "optimizer": {}, "epoch": 10,
+                "config": FakeYacsConfig()}, path)
+
+
+def test_pickled_objects_are_refused_with_a_way_out(tmp_path: Path, golden_b: dict) -> None:
+    path = tmp_path / "internimage_b_train.pth"
+    save_training_checkpoint(path, golden_b["state_dict"])
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_original_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "weights_only" in message and "arbitrary code" in message
+    assert "FakeYacsConfig" in message  # names the blocked global
+    assert "Ways out" in message and "torch.save(ck['model']" in message
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+    with pytest.raises(UnsafeCheckpointError):
+        convert_checkpoint(path, tmp_path / "out.safetensors", "internimage_b")
+    assert not EXECUTED, "the pickled object must never be constructed"
+
+
+def test_safe_globals_allow_list(tmp_path: Path, golden_b: dict) -> None:
+    path = tmp_path / "ckpt.pth"
+    save_training_checkpoint(path, golden_b["state_dict"])
+    sd = load_original_checkpoint(path, safe_globals=[FakeYacsConfig])
+    assert sd.keys() == golden_b["state_dict"].keys()
+    EXECUTED.clear()
+
+
+def test_load_original_checkpoint_variants(tmp_path: Path, golden_b: dict) -> None:
+    sd = golden_b["state_dict"]
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / "with_ema.pth"
+    torch.save({"model": sd, "model_ema": ema, "epoch": 1}, path)
+    assert torch.equal(load_original_checkpoint(path)["head.bias"], sd["head.bias"])
+    assert torch.equal(load_original_checkpoint(path, use_ema=True)["head.bias"],
+                       ema["head.bias"])
+    raw = tmp_path / "raw.pth"
+    torch.save(sd, raw)
+    assert load_original_checkpoint(raw).keys() == sd.keys()
+    with pytest.raises(ValueError, match="model_ema"):
+        load_original_checkpoint(raw, use_ema=True)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_original_checkpoint(tmp_path / "missing.pth")
+
+
+# --- conversion to safetensors --------------------------------------------------------------------
+
+
+def test_convert_round_trip(tmp_path: Path, golden_h: dict) -> None:
+    src = tmp_path / "internimage_h_like.pth"
+    torch.save({"model": golden_h["state_dict"], "epoch": 30}, src)
+    config = {k: v for k, v in golden_h["config"].items() if k != "num_classes"}
+    dst = convert_checkpoint(src, tmp_path / "out" / "h_like.safetensors", "internimage_h",
+                             **config)
+    assert dst.is_file()
+    tensors = load_file(str(dst))
+    from safetensors import safe_open
+
+    with safe_open(str(dst), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["model_name"] == "internimage_h" and metadata["num_classes"] == "10"
+    assert metadata["source"] == src.name
+
+    model = InternImage(**golden_h["config"])
+    model.load_state_dict(tensors)  # strict: this project's layout
+    with torch.no_grad():
+        logits = model.double().eval()(golden_h["input"])
+    torch.testing.assert_close(logits, golden_h["logits"], rtol=0, atol=1e-9)
+
+    timm_model = timm.create_model(
+        "internimage_h", pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(dst), num_classes=10), **config, num_classes=10,
+    ).double().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(golden_h["input"]), golden_h["logits"], rtol=0,
+                                   atol=1e-9)
+
+
+def test_convert_errors(tmp_path: Path, golden_b: dict) -> None:
+    src = tmp_path / "b.pth"
+    torch.save({"model": golden_b["state_dict"]}, src)
+    with pytest.raises(ValueError, match="registered timm model"):
+        convert_checkpoint(src, tmp_path / "x.safetensors", "internimage_xxl")
+    with pytest.raises(ValueError, match=".safetensors"):
+        convert_checkpoint(src, tmp_path / "x.pth", "internimage_b")
+    with pytest.raises(ValueError, match="does not match internimage_b"):
+        convert_checkpoint(src, tmp_path / "x.safetensors", "internimage_b")  # real B size
+
+
+def test_convert_fills_layer_scale_for_t_checkpoints(tmp_path: Path) -> None:
+    golden = load_golden("model_t_like.pt")
+    src = tmp_path / "t_like.pth"
+    torch.save({"model": golden["state_dict"]}, src)
+    config = dict(golden["config"], layer_scale=1.0)
+    dst = convert_checkpoint(src, tmp_path / "t_like_ls.safetensors", "internimage_t", **config)
+    tensors = load_file(str(dst))
+    assert torch.equal(tensors["stages.3.blocks.0.gamma2"], torch.ones(128))
+    model = InternImage(**config)
+    model.load_state_dict(tensors)
