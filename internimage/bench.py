@@ -1,0 +1,493 @@
+"""``internimage bench``: times the DCNv3 op and a model against a timm baseline in one run.
+
+Two parts, each case timed the same way (warm-up iterations, then up to ``--iters`` timed
+iterations or until ``--budget`` seconds have passed, whichever comes first; the median is
+reported):
+
+1. the DCNv3 op, compiled kernels (``torch.ops.internimage.dcnv3``) vs the pure-PyTorch
+   reference (``internimage.ops.dcnv3_reference``), at the model's four stage shapes for the
+   chosen batch and image size;
+2. the model (``internimage_t`` by default) vs a timm baseline (``convnext_tiny``): images/s,
+   latency per batch, peak memory, parameters and GMACs, and the ratios.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` (reset before each case) minus
+the allocation before the case was set up; on the CPU, the peak resident set size of the
+process (``VmHWM`` from ``/proc/self/status``, reset per case through
+``/proc/self/clear_refs``; ``resource.getrusage`` max RSS where that is unavailable) minus the
+RSS before the case was set up, after returning freed heap memory to the OS. Both include the
+model weights, inputs, activations and (with ``--train``) gradients and optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internimage.cli_common import (
+    CommandError,
+    atomic_write_text,
+    build_model,
+    check_model_name,
+    one_line,
+    resolve_device,
+)
+from internimage.commands import format_table
+
+__all__ = ["run_bench", "PeakMemory", "parse_dtype", "dcn_stage_shapes"]
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32' / 'bfloat16' / 'float16' (or fp32 / bf16 / fp16) -> torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CommandError(
+            f"--dtype: expected one of float32, bfloat16, float16, got {name!r}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def _read_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of one benchmark case on ``device`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0
+        self.method = ""
+        self._resettable = False
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return
+        _malloc_trim()
+        self._resettable = False
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # resets VmHWM to the current RSS
+            self._resettable = _read_status_kib("VmHWM") is not None
+        except OSError:
+            pass
+        rss = _read_status_kib("VmRSS")
+        if self._resettable and rss is not None:
+            self.base = rss * 1024
+            self.method = "peak RSS (VmHWM, reset per case)"
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "max RSS (getrusage; monotonic, so only growth beyond earlier cases)"
+
+    def peak(self) -> int:
+        """Bytes above the level measured at :meth:`start`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+        if self._resettable:
+            hwm = _read_status_kib("VmHWM") or 0
+            return max(0, hwm * 1024 - self.base)
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass
+class Case:
+    """One timed workload: ``setup()`` builds it and returns the step to time."""
+
+    part: str  # 'op' or 'model'
+    label: str
+    setup: Callable[[], Callable[[], Any]]
+    batch: int
+    info: dict[str, Any] = field(default_factory=dict)
+    samples: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+    error: str | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+
+def dcn_stage_shapes(model: nn.Module, img_size: int) -> list[dict[str, Any]]:
+    """The DCNv3 geometry of each InternImage stage at ``img_size`` (first block's module)."""
+    from internimage.dcnv3 import DCNv3
+
+    shapes = []
+    for index, stage in enumerate(getattr(model, "stages", [])):
+        dcn = next((m for m in stage.modules() if isinstance(m, DCNv3)), None)
+        if dcn is None:
+            continue
+        size = -(-img_size // 4)
+        for _ in range(index):
+            size = -(-size // 2)
+        shapes.append(dict(stage=index, size=size, channels=dcn.channels, group=dcn.group,
+                           group_channels=dcn.group_channels, kernel=dcn.kernel_size,
+                           offset_scale=dcn.offset_scale, remove_center=dcn.remove_center))
+    return shapes
+
+
+def _op_case(shape: dict[str, Any], impl: str, batch: int, dtype: torch.dtype,
+             device: torch.device, train: bool) -> Case:
+    from internimage.ops import dcnv3, dcnv3_reference
+
+    op = dcnv3 if impl == "compiled" else dcnv3_reference
+    k, g, gc_, size = shape["kernel"], shape["group"], shape["group_channels"], shape["size"]
+    points = k * k - int(shape["remove_center"])
+
+    def setup() -> Callable[[], Any]:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, size, size, g * gc_, generator=gen).to(device, dtype)
+        offset = torch.randn(batch, size, size, g * points * 2, generator=gen).to(device, dtype)
+        mask = torch.softmax(torch.randn(batch, size, size, g, points, generator=gen), -1)
+        mask = mask.flatten(-2).to(device, dtype)
+        args = (k, 1, (k - 1) // 2, 1, g, gc_, shape["offset_scale"], shape["remove_center"])
+        if not train:
+            def step() -> Any:
+                with torch.no_grad():
+                    return op(x, offset, mask, *args)
+            return step
+        leaves = [t.detach().requires_grad_() for t in (x, offset, mask)]
+        grad = torch.randn(batch, size, size, g * gc_, generator=gen).to(device, dtype)
+
+        def train_step() -> Any:
+            out = op(*leaves, *args)
+            out.backward(grad)
+            return out
+        return train_step
+
+    label = f"stage {shape['stage']} {impl}"
+    info = dict(shape, impl=impl, input_shape=[batch, size, size, g * gc_])
+    return Case("op", label, setup, batch, info)
+
+
+def _model_case(name: str, batch: int, img_size: int, dtype: torch.dtype, device: torch.device,
+                train: bool, channels_last: bool, compile_model: bool) -> Case:
+    def setup() -> Callable[[], Any]:
+        torch.manual_seed(0)
+        model = build_model(name, device=device)
+        use_autocast = train and dtype != torch.float32
+        if not train:
+            model = model.to(dtype=dtype)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train(train)
+        x = torch.randn(batch, 3, img_size, img_size, device=device,
+                        dtype=torch.float32 if use_autocast else dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        runner: nn.Module | Callable = torch.compile(model) if compile_model else model
+        if not train:
+            def step() -> Any:
+                with torch.inference_mode():
+                    return runner(x)
+            return step
+        target = torch.randint(0, model.num_classes, (batch,), device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def train_step() -> Any:
+            with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+                loss = F.cross_entropy(runner(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss
+        return train_step
+
+    return Case("model", name, setup, batch, {"model": name})
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_case(case: Case, device: torch.device, warmup: int, iters: int, budget: float,
+              progress: Any) -> None:
+    memory = PeakMemory(device)
+    memory.start()
+    try:
+        step = case.setup()
+        for i in range(warmup):
+            progress.set_postfix_str(f"warm-up {i + 1}/{warmup}", refresh=True)
+            step()
+            _sync(device)
+        started = time.perf_counter()
+        for i in range(iters):
+            progress.set_postfix_str(f"iter {i + 1}/{iters}", refresh=True)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            case.samples.append(time.perf_counter() - t0)
+            if time.perf_counter() - started > budget:
+                break
+        case.peak_bytes = memory.peak()
+        case.info["memory_method"] = memory.method
+    except (RuntimeError, NotImplementedError, CommandError) as error:
+        case.error = one_line(error)[:200]
+    finally:
+        step = None  # noqa: F841  (drop the workload before the next case's memory baseline)
+        gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _environment(device: torch.device, dtype: torch.dtype, args: argparse.Namespace,
+                 img_size: int) -> dict[str, Any]:
+    import timm
+
+    import internimage
+
+    env: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "internimage": internimage.__version__,
+        "python": platform.python_version(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_size": args.batch_size,
+        "img_size": img_size,
+        "mode": "train (forward+backward+AdamW step)" if args.train else "inference",
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "extension": internimage.ops.extension_available(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = _cpu_name()
+        env["threads"] = torch.get_num_threads()
+        env["cpu_count"] = os.cpu_count()
+        try:
+            env["load_average_1min"] = round(os.getloadavg()[0], 2)
+        except OSError:
+            pass
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}" if seconds == seconds else "-"
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.0f}"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``internimage bench``; see the module docstring."""
+    from tqdm import tqdm
+
+    from internimage.flops import count_params, model_complexity
+
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype)
+    for option, value in (("--batch-size", args.batch_size), ("--iters", args.iters)):
+        if value < 1:
+            raise CommandError(f"{option}: expected an integer >= 1, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        raise CommandError(f"--warmup: expected an integer >= 0, got {args.warmup}")
+    if args.budget <= 0:
+        raise CommandError(f"--budget: expected seconds > 0, got {args.budget}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads: expected an integer >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    check_model_name(args.model)
+    compare = None if args.compare in (None, "", "none") else args.compare
+    if compare is not None:
+        check_model_name(compare, "--compare")
+
+    with torch.device("meta"):
+        probe = build_model(args.model)
+    img_size = args.img_size or int(probe.pretrained_cfg["input_size"][-1])
+    if img_size < 32:
+        raise CommandError(f"--img-size: expected an integer >= 32, got {img_size}")
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+
+    cases: list[Case] = []
+    shapes = [] if args.skip_op else dcn_stage_shapes(probe, img_size)
+    for shape in shapes:
+        for impl in ("compiled", "reference"):
+            cases.append(_op_case(shape, impl, args.batch_size, dtype, device, args.train))
+    model_names = [args.model] + ([compare] if compare else [])
+    for name in model_names:
+        cases.append(_model_case(name, args.batch_size, img_size, dtype, device, args.train,
+                                 args.channels_last, args.compile))
+
+    complexity: dict[str, dict[str, Any]] = {}
+    for name in model_names:
+        try:
+            complexity[name] = model_complexity(name, (3, img_size, img_size))
+        except Exception:  # a baseline the meta-device counter cannot run: params only
+            with torch.device("meta"):
+                complexity[name] = {"params": count_params(build_model(name)), "macs": None}
+
+    env = _environment(device, dtype, args, img_size)
+    started = time.perf_counter()
+    with tqdm(total=len(cases), desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True,
+              disable=args.quiet) as progress:
+        for case in cases:
+            progress.set_description(case.label)
+            _run_case(case, device, warmup, args.iters, args.budget, progress)
+            progress.update(1)
+    env["wall_s"] = round(time.perf_counter() - started, 1)
+
+    report = _report(cases, complexity, env, args, device)
+    print(report)
+    if args.json:
+        payload = {
+            "environment": env,
+            "cases": [dict(part=c.part, label=c.label, batch=c.batch, samples_s=c.samples,
+                           median_s=c.median if c.samples else None, peak_bytes=c.peak_bytes,
+                           error=c.error, **c.info) for c in cases],
+            "complexity": complexity,
+        }
+        atomic_write_text(args.json, json.dumps(payload, indent=2, default=str) + "\n")
+    return 1 if any(c.error for c in cases) else 0
+
+
+def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[str, Any],
+            args: argparse.Namespace, device: torch.device) -> str:
+    where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
+    lines = [
+        f"internimage bench: {env['device']} ({where}), torch {env['torch']}, timm "
+        f"{env['timm']}, {env['dtype']}, batch {env['batch_size']}, "
+        f"{env['img_size']}x{env['img_size']}, {env['mode']}"
+        + (", channels_last" if env["channels_last"] else "")
+        + (", torch.compile" if env["compile"] else "")
+        + (f", load average {env['load_average_1min']}" if "load_average_1min" in env else ""),
+        f"timing: median of up to {args.iters} iterations after warm-up (at most "
+        f"{args.budget:g} s per case); memory: "
+        + ("torch.cuda.max_memory_allocated above the pre-case level" if device.type == "cuda"
+           else "peak RSS above the pre-case RSS (VmHWM reset per case)"),
+    ]
+    if not env["extension"]:
+        lines.append("WARNING: the compiled extension internimage._C is not loaded: the "
+                     "'compiled' op timings are the pure-PyTorch fallback")
+    op_cases = [c for c in cases if c.part == "op"]
+    if not op_cases and not args.skip_op:
+        lines += ["", f"DCNv3 op: skipped ({args.model} has no DCNv3 stages)"]
+    if op_cases:
+        rows = []
+        by_stage: dict[int, dict[str, Case]] = {}
+        for case in op_cases:
+            by_stage.setdefault(case.info["stage"], {})[case.info["impl"]] = case
+        for stage, pair in sorted(by_stage.items()):
+            comp, ref = pair.get("compiled"), pair.get("reference")
+            info = (comp or ref).info
+            n, h, w, c = info["input_shape"]
+            speedup = (ref.median / comp.median
+                       if comp and ref and comp.samples and ref.samples else float("nan"))
+            rows.append([
+                stage, f"({n}, {h}, {w}, {c}) G={info['group']}",
+                _cell(comp, _fmt_ms), _cell(ref, _fmt_ms),
+                f"{speedup:.1f}x" if speedup == speedup else "-",
+                _cell(comp, lambda c: _mib(c.peak_bytes)),
+                _cell(ref, lambda c: _mib(c.peak_bytes)),
+            ])
+        mode = "forward+backward" if args.train else "forward"
+        lines += ["", f"DCNv3 op ({mode}) at {args.model}'s stage shapes: compiled kernels vs "
+                      "pure-PyTorch reference", format_table(
+                          ["stage", "input (N, H, W, C)", "compiled ms", "reference ms",
+                           "speed-up", "compiled peak MiB", "reference peak MiB"],
+                          rows, align="llrrrrr")]
+    model_cases = [c for c in cases if c.part == "model"]
+    if model_cases:
+        rows = []
+        for case in model_cases:
+            info = complexity.get(case.label, {})
+            macs = info.get("macs")
+            rows.append([
+                case.label,
+                f"{info['params'] / 1e6:.2f}" if info.get("params") else "-",
+                f"{macs / 1e9:.2f}" if macs else "-",
+                _cell(case, lambda c: f"{c.batch / c.median:.1f}"),
+                _cell(case, lambda c: _fmt_ms(c.median)),
+                _cell(case, lambda c: f"{len(c.samples)}"),
+                _cell(case, lambda c: _mib(c.peak_bytes)),
+            ])
+        lines += ["", f"Models ({env['mode']})", format_table(
+            ["model", "params (M)", "GMACs", "images/s", f"latency ms (batch {args.batch_size})",
+             "iters", "peak MiB"], rows, align="lrrrrrr")]
+        if len(model_cases) == 2 and all(c.samples for c in model_cases):
+            ours, base = model_cases
+            lines.append(
+                f"{ours.label} / {base.label}: throughput {base.median / ours.median:.2f}x, "
+                f"latency {ours.median / base.median:.2f}x, peak memory "
+                f"{ours.peak_bytes / max(base.peak_bytes, 1):.2f}x"
+            )
+    failed = [c for c in cases if c.error]
+    for case in failed:
+        lines.append(f"FAILED {case.label}: {case.error}")
+    lines.append(f"{len(cases)} cases timed in {env['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _cell(case: Case | None, fmt: Callable[[Any], str]) -> str:
+    if case is None:
+        return "-"
+    if case.error:
+        return "error"
+    if not case.samples:
+        return "-"
+    return fmt(case.median if fmt is _fmt_ms else case)

@@ -1,0 +1,918 @@
+"""``internimage train``: fine-tuning / training from a YAML recipe, single- or multi-process.
+
+* Data: an ImageFolder tree (``data.dir`` with ``train/`` and ``val/``) with timm's transforms
+  from the model's data config, or the embedded digits (see :mod:`internimage.data`).
+* Optimisation (timm public APIs): ``create_optimizer_v2`` with a parameter-group function
+  that applies weight decay rules, layer-wise LR decay through the model's ``group_matcher``
+  (``param_groups_layer_decay``) and the original's reduced LR for the DCN offset parameters
+  (``optim.dcn_lr_mul``); ``create_scheduler_v2`` stepped every iteration; ``Mixup`` /
+  CutMix; label smoothing; ``ModelEmaV3``; gradient clipping; AMP (bf16 / fp16 with a
+  ``GradScaler``); drop path and gradient checkpointing.
+* Outputs (rank 0 only; every file written to a temporary name then ``os.replace``-d):
+  ``config.yaml``, ``model.safetensors`` (+ ``model_ema.safetensors``), ``state.pt`` (resume
+  state: model, optimizer, scheduler, EMA, scaler, epoch, per-rank RNG states, history),
+  ``metrics.csv``, ``metrics.json`` and ``curves.png``.
+* ``--resume DIR`` continues exactly: with ``train.deterministic`` and ``data.num_workers: 0``
+  on the CPU, an interrupted and resumed run ends with bit-identical weights and metrics.
+* Multi-process: ``torchrun --nproc_per_node N -m internimage train ...`` (gloo on the CPU,
+  nccl on GPUs); ``DistributedSampler`` shards the training set (``set_epoch`` every epoch),
+  validation is sharded without padding and reduced exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from internimage.cli_common import (
+    CUSTOM_MODEL,
+    CommandError,
+    atomic_path,
+    atomic_write_text,
+    build_model,
+    check_model_name,
+    load_state_dict_file,
+    load_weights,
+    one_line,
+    resolve_device,
+    save_safetensors,
+)
+from internimage.train_config import (
+    apply_override,
+    dump_config,
+    load_recipe,
+    resolve_recipe,
+    set_key,
+    validate_config,
+)
+
+__all__ = ["run_train", "resolve_config", "build_param_groups", "STATE_FORMAT"]
+
+STATE_FORMAT = "internimage-train-state/1"
+#: Keys that may change when resuming: they do not change the computation.
+RESUMABLE_KEYS = {"data.dir", "data.num_workers", "data.check_images", "train.device",
+                  "train.threads"}
+_METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
+                  "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "train_time_s", "val_time_s",
+                  "train_images_per_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], str, Path | None]:
+    """The run's config from the recipe, the shorthand options and ``--set`` overrides.
+
+    Returns ``(config, recipe name, resume folder or None)``.
+    """
+    shorthands = [
+        ("data.dir", args.data), ("model.checkpoint", args.checkpoint),
+        ("model.num_classes", args.num_classes), ("sched.epochs", args.epochs),
+        ("data.batch_size", args.batch_size), ("optim.lr", args.lr),
+        ("data.img_size", args.img_size),
+    ]
+    if args.resume is not None:
+        resume = Path(args.resume)
+        for option, value in (("--output", args.output), ("--config", args.config)):
+            if value is not None:
+                raise CommandError(f"{option}: not allowed with --resume (the run continues in "
+                                   f"'{resume}' with its own config.yaml)")
+        if not (resume / "config.yaml").is_file():
+            raise CommandError(f"--resume: '{resume}' is not a training output folder "
+                               "(no config.yaml)")
+        cfg = load_recipe(resume / "config.yaml")
+        changed = [key for key, value in shorthands if value is not None]
+        if args.model is not None:
+            changed.append("model.name")
+        changed += [text.partition("=")[0].strip() for text in args.overrides]
+        fixed = [key for key in changed if key not in RESUMABLE_KEYS]
+        if fixed:
+            raise CommandError(
+                f"--resume: {', '.join(fixed)} cannot change when resuming (the run would no "
+                f"longer be the one that was interrupted; only {', '.join(sorted(RESUMABLE_KEYS))}"
+                f" can); start a new run with --checkpoint {resume / 'model.safetensors'} instead"
+            )
+        recipe = str(resume / "config.yaml")
+    else:
+        if args.config is not None:
+            path = resolve_recipe(args.config)
+        elif args.data is None:
+            path = resolve_recipe("digits_tiny")
+        else:
+            model = args.model or "internimage_t"
+            try:
+                path = resolve_recipe(f"{model}_ft")
+            except CommandError:
+                path = resolve_recipe("finetune")
+        cfg = load_recipe(path)
+        recipe = path.stem
+        resume = None
+    if args.model is not None:
+        check_model_name(args.model)
+        set_key(cfg, "model.name", args.model, "--model")
+        set_key(cfg, "model.kwargs", {}, "--model")
+    for key, value in shorthands:
+        if value is not None:
+            set_key(cfg, key, value, "--" + key.split(".")[1].replace("_", "-"))
+    for text in args.overrides:
+        apply_override(cfg, text)
+    validate_config(cfg)
+    return cfg, recipe, resume
+
+
+def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None,
+                       dcn_lr_mul: float | None) -> list[dict[str, Any]]:
+    """Parameter groups: no weight decay for 1-D parameters, biases and the model's
+    ``no_weight_decay()`` patterns; ``lr_scale`` = ``layer_decay ** depth`` from the model's
+    ``group_matcher`` (timm ``param_groups_layer_decay``) when ``layer_decay`` is set; and
+    ``lr_scale *= dcn_lr_mul`` for the DCN offset / centre-feature-scale parameters (the
+    original's ``DCN_LR_MUL``) when set. timm's schedulers multiply each group's LR by its
+    ``lr_scale``."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_wd = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if layer_decay is not None:
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay,
+                                          no_weight_decay_list=no_wd, layer_decay=layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay,
+                                           no_weight_decay_list=no_wd)
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+    if dcn_lr_mul is None or dcn_lr_mul == 1.0:
+        return groups
+    dcn_names = set(model.dcn_offset_param_names()) if hasattr(model, "dcn_offset_param_names") \
+        else {n for n, _ in model.named_parameters()
+              if "offset" in n or "center_feature_scale_proj" in n}
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for group in groups:
+        dcn = [p for p in group["params"] if names.get(id(p)) in dcn_names]
+        rest = [p for p in group["params"] if names.get(id(p)) not in dcn_names]
+        if rest:
+            out.append(dict(group, params=rest))
+        if dcn:
+            out.append(dict(group, params=dcn, lr_scale=group["lr_scale"] * dcn_lr_mul))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+class _Dist:
+    """Rank / world size, and the few collectives the trainer needs (no-ops when single)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.created = False
+        self.device = device
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+            self.created = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def _tensor(self, values: list[float]) -> Tensor:
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    def all_ok(self, ok: bool) -> bool:
+        if self.world == 1:
+            return ok
+        flag = self._tensor([1.0 if ok else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0.5)
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = self._tensor(values)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _setup_phase(ctx: _Dist, fn: Any) -> Any:
+    """Runs ``fn`` on every rank; if any rank fails, every rank stops (the failing one with
+    its own message)."""
+    error: CommandError | None = None
+    result = None
+    try:
+        result = fn()
+    except CommandError as exc:
+        error = exc
+    if not ctx.all_ok(error is None):
+        raise error or CommandError("setup failed on another process (see its message)")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class _ValShard(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world, ...``: every validation image exactly once overall."""
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class Trainer:
+    """One ``internimage train`` invocation (see the module docstring)."""
+
+    def __init__(self, cfg: dict[str, Any], recipe: str, resume: Path | None,
+                 args: argparse.Namespace) -> None:
+        self.cfg = cfg
+        self.recipe = recipe
+        self.resume = resume
+        self.args = args
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.stop_after = getattr(args, "stop_after", None)
+        if self.stop_after is not None and self.stop_after < 1:
+            raise CommandError(f"--stop-after: expected an integer >= 1, got {self.stop_after}")
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        if self.ctx.main:
+            print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        if self.ctx.main:
+            print(f"note: {text}", file=sys.stderr, flush=True)
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        device = resolve_device(self.cfg["train"]["device"])
+        if device.type == "cuda" and device.index is None and int(os.environ.get(
+                "WORLD_SIZE", "1")) > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    def _data_source(self) -> dict[str, Any]:
+        """Lists the data (validating it); no model needed yet."""
+        from internimage.data import check_images, digits_split, scan_image_folder
+
+        data = self.cfg["data"]
+        if data["dir"] is None:
+            tr_x, tr_y, va_x, va_y, classes = digits_split(data["val_fraction"], seed=0)
+            source = {"kind": "digits", "classes": classes, "train": (tr_x, tr_y),
+                      "val": (va_x, va_y)}
+            if data["train_limit"]:
+                source["train"] = (tr_x[:data["train_limit"]], tr_y[:data["train_limit"]])
+            if data["val_limit"]:
+                source["val"] = (va_x[:data["val_limit"]], va_y[:data["val_limit"]])
+            return source
+        scanned = scan_image_folder(data["dir"])
+        train = scanned["train"][:data["train_limit"]] if data["train_limit"] \
+            else scanned["train"]
+        val = scanned["val"][:data["val_limit"]] if data["val_limit"] else scanned["val"]
+        if data["check_images"] and self.ctx.main:
+            from tqdm import tqdm
+
+            paths = [p for p, _ in train] + [p for p, _ in val]
+            with tqdm(total=len(paths), desc="checking images", unit="img", file=sys.stderr,
+                      disable=self.quiet or len(paths) < 2000, leave=False) as bar:
+                check_images(paths, progress=lambda i: bar.update(1))
+        return {"kind": "folder", "classes": scanned["classes"], "train": train, "val": val}
+
+    def _model(self, num_classes: int) -> tuple[nn.Module, list[str]]:
+        mcfg = self.cfg["model"]
+        kwargs = dict(mcfg["kwargs"])
+        if mcfg["drop_path_rate"] is not None:
+            kwargs.setdefault("drop_path_rate", mcfg["drop_path_rate"])
+        model = build_model(mcfg["name"], num_classes=num_classes, kwargs=kwargs)
+        notes: list[str] = []
+        if mcfg["checkpoint"] is not None:
+            state_dict = load_state_dict_file(mcfg["checkpoint"], option="model.checkpoint")
+            notes += load_weights(model, state_dict, f"model.checkpoint '{mcfg['checkpoint']}'",
+                                  allow_head_reset=True)
+        elif self.resume is None:
+            notes.append(f"no model.checkpoint (--checkpoint): {mcfg['name']} starts from "
+                         "random initialisation")
+        if mcfg["grad_checkpointing"]:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise CommandError(f"model.grad_checkpointing: {mcfg['name']} does not support "
+                                   "gradient checkpointing")
+            model.set_grad_checkpointing(True)
+        return model, notes
+
+    def _data_config(self, model: nn.Module, kind: str) -> dict[str, Any]:
+        from timm.data import resolve_data_config
+
+        from internimage.data import DIGITS_MEAN, DIGITS_STD
+
+        data = self.cfg["data"]
+        if kind == "digits":
+            size = data["img_size"] or 32
+            config = dict(input_size=(3, size, size), interpolation="bilinear", crop_pct=1.0,
+                          crop_mode="center", mean=DIGITS_MEAN, std=DIGITS_STD)
+        else:
+            config = dict(resolve_data_config(model=model))
+            if data["img_size"]:
+                config["input_size"] = (3, data["img_size"], data["img_size"])
+        for key in ("interpolation", "crop_pct", "mean", "std"):
+            if data[key] is not None:
+                config[key] = tuple(data[key]) if isinstance(data[key], list) else data[key]
+        return config
+
+    def _datasets(self, source: dict[str, Any], data_config: dict[str, Any]) -> tuple[Any, Any]:
+        from internimage.data import DigitsDataset, ImageFolderData
+
+        data = self.cfg["data"]
+        size = data_config["input_size"][-1]
+        if source["kind"] == "digits":
+            return (DigitsDataset(*source["train"], size, train=True,
+                                  max_shift=data["max_shift"]),
+                    DigitsDataset(*source["val"], size, train=False))
+        from timm.data import create_transform
+
+        auto_augment = data["auto_augment"]
+        if isinstance(auto_augment, str) and auto_augment.lower() in ("", "none", "off"):
+            auto_augment = None
+        try:
+            train_tf = create_transform(
+                data_config["input_size"], is_training=True, scale=tuple(data["scale"]),
+                hflip=data["hflip"], color_jitter=data["color_jitter"],
+                auto_augment=auto_augment, interpolation=data_config["interpolation"],
+                mean=data_config["mean"], std=data_config["std"], re_prob=data["re_prob"],
+                re_mode="pixel",
+            )
+        except (ValueError, AssertionError, KeyError) as error:
+            raise CommandError(f"data.auto_augment / data augmentation settings: "
+                               f"{one_line(error)}") from error
+        if _cap_posterize(train_tf):
+            self.note("data.auto_augment: this Pillow rejects posterize with 0 bits, which "
+                      "timm's increasing-severity RandAugment ('inc1') asks for at magnitude 10; "
+                      "the posterize op's magnitude is capped at 9.99 (1 bit kept)")
+        val_tf = create_transform(
+            data_config["input_size"], is_training=False,
+            interpolation=data_config["interpolation"], mean=data_config["mean"],
+            std=data_config["std"], crop_pct=data_config.get("crop_pct"),
+            crop_mode=data_config.get("crop_mode"),
+        )
+        return ImageFolderData(source["train"], train_tf), ImageFolderData(source["val"], val_tf)
+
+    def _output_dir(self) -> Path:
+        if self.resume is not None:
+            return self.resume
+        if self.args.output is not None:
+            out = Path(self.args.output)
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = Path("runs") / f"{self.recipe}-{stamp}"
+        out = Path(self.ctx.broadcast(str(out)))
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CommandError(f"--output: '{out}' already exists and is not empty; choose a new "
+                               f"folder, or continue that run with --resume {out}")
+        return out
+
+    # -- main ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        saved_threads = torch.get_num_threads()
+        saved_deterministic = torch.are_deterministic_algorithms_enabled()
+        device = self._device()
+        self.ctx = _Dist(device)
+        self.out: Path | None = None
+        created_out = False
+        try:
+            tcfg = self.cfg["train"]
+            if tcfg["threads"]:
+                torch.set_num_threads(tcfg["threads"])
+            if tcfg["deterministic"]:
+                if device.type == "cuda":
+                    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.use_deterministic_algorithms(True)
+            _seed_all(tcfg["seed"])
+
+            source = _setup_phase(self.ctx, self._data_source)
+            classes = source["classes"]
+            num_classes = self.cfg["model"]["num_classes"] or len(classes)
+            if num_classes < len(classes):
+                raise CommandError(f"--num-classes: the data has {len(classes)} classes, got "
+                                   f"{num_classes}")
+            model, notes = _setup_phase(self.ctx, lambda: self._model(num_classes))
+            data_config = self._data_config(model, source["kind"])
+            if self.cfg["model"]["name"] == CUSTOM_MODEL or source["kind"] == "digits":
+                model.pretrained_cfg = dict(model.pretrained_cfg, **data_config,
+                                            num_classes=num_classes)
+            train_ds, val_ds = _setup_phase(self.ctx,
+                                            lambda: self._datasets(source, data_config))
+            self.out = _setup_phase(self.ctx, self._output_dir)
+            sched = self.cfg["sched"]
+            if sched["warmup_epochs"] >= sched["epochs"]:
+                notes.append(f"sched.warmup_epochs ({sched['warmup_epochs']}) >= sched.epochs "
+                             f"({sched['epochs']}): the whole run is LR warm-up")
+            for text in notes:
+                self.note(text)
+
+            error: CommandError | None = None
+            if self.ctx.main and self.resume is None:
+                try:
+                    created_out = not self.out.exists()
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
+                except OSError as exc:
+                    error = CommandError(f"--output: cannot write to '{self.out}' ({exc})")
+            # barrier: the folder exists before anyone goes on
+            if not self.ctx.all_ok(error is None):
+                raise error or CommandError("rank 0 could not create the output folder")
+            return self._train(model, train_ds, val_ds, classes, num_classes, data_config,
+                               device)
+        except BaseException:
+            if self.out is not None and self.ctx.main and self.resume is None \
+                    and not (self.out / "state.pt").exists():
+                # no epoch finished: nothing useful was written
+                if created_out:
+                    shutil.rmtree(self.out, ignore_errors=True)
+                elif self.out.is_dir():  # the user's (empty) folder: only remove our config
+                    (self.out / "config.yaml").unlink(missing_ok=True)
+            raise
+        finally:
+            torch.set_num_threads(saved_threads)
+            torch.use_deterministic_algorithms(saved_deterministic)
+            self.ctx.close()
+
+    def _train(self, model: nn.Module, train_ds: Any, val_ds: Any, classes: list[str],
+               num_classes: int, data_config: dict[str, Any], device: torch.device) -> int:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+        from tqdm import tqdm
+
+        cfg, ctx = self.cfg, self.ctx
+        dcfg, ocfg, scfg, acfg, tcfg = (cfg["data"], cfg["optim"], cfg["sched"], cfg["aug"],
+                                        cfg["train"])
+        model.to(device)
+        mixup_active = acfg["mixup"] > 0 or acfg["cutmix"] > 0
+        train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank,
+                                           shuffle=True, seed=tcfg["seed"], drop_last=False)
+        loader_kwargs = dict(num_workers=dcfg["num_workers"], pin_memory=device.type == "cuda",
+                             worker_init_fn=_seed_worker)
+        train_loader = DataLoader(train_ds, batch_size=dcfg["batch_size"], sampler=train_sampler,
+                                  drop_last=mixup_active, **loader_kwargs)
+        val_loader = DataLoader(val_ds, batch_size=dcfg["batch_size"],
+                                sampler=_ValShard(len(val_ds), ctx.rank, ctx.world),
+                                **loader_kwargs)
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise CommandError(
+                f"data.batch_size: {dcfg['batch_size']} is more than the "
+                f"{len(train_sampler)} training images per process (mixup/cutmix drop "
+                "incomplete batches); lower it"
+            )
+
+        total_batch = dcfg["batch_size"] * ctx.world
+        scale = total_batch / ocfg["lr_base_batch"] if ocfg["lr_base_batch"] else 1.0
+        lr, warmup_lr, min_lr = (ocfg["lr"] * scale, scfg["warmup_lr"] * scale,
+                                 scfg["min_lr"] * scale)
+        opt_kwargs: dict[str, Any] = {}
+        if "adam" in ocfg["opt"].lower() or ocfg["opt"].lower() in ("lamb", "lambw", "adan"):
+            opt_kwargs = dict(betas=tuple(ocfg["betas"]), eps=ocfg["eps"])
+        try:
+            optimizer = create_optimizer_v2(
+                model, opt=ocfg["opt"], lr=lr, weight_decay=ocfg["weight_decay"],
+                param_group_fn=lambda m: build_param_groups(
+                    m, ocfg["weight_decay"], ocfg["layer_decay"], ocfg["dcn_lr_mul"]),
+                **opt_kwargs,
+            )
+        except (ValueError, AssertionError, KeyError, TypeError) as error:
+            raise CommandError(f"optim.opt: cannot create optimizer {ocfg['opt']!r} "
+                               f"({one_line(error)})") from error
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=scfg["name"], num_epochs=scfg["epochs"],
+            warmup_epochs=scfg["warmup_epochs"], warmup_lr=warmup_lr, min_lr=min_lr,
+            step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+        )
+        ema = ModelEmaV3(model, decay=cfg["ema"]["decay"], use_warmup=cfg["ema"]["warmup"]) \
+            if cfg["ema"]["enabled"] else None
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg["amp"])
+        scaler = torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16")
+        mixup = Mixup(mixup_alpha=acfg["mixup"], cutmix_alpha=acfg["cutmix"],
+                      prob=acfg["mixup_prob"], switch_prob=acfg["mixup_switch_prob"],
+                      label_smoothing=acfg["label_smoothing"], num_classes=num_classes) \
+            if mixup_active else None
+        criterion: nn.Module = SoftTargetCrossEntropy() if mixup_active else \
+            nn.CrossEntropyLoss(label_smoothing=acfg["label_smoothing"])
+        ddp_model: nn.Module = model
+        if ctx.world > 1:
+            ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        start_epoch, global_step, history = 0, 0, []
+        if self.resume is not None:
+            state = self._load_state(model, optimizer, scheduler, ema, scaler, device)
+            start_epoch, global_step, history = (state["epoch"], state["global_step"],
+                                                 state["history"])
+        else:
+            _seed_all(tcfg["seed"] + ctx.rank)  # per-rank augmentation / drop-path streams
+
+        epochs = scfg["epochs"]
+        from internimage.flops import count_params
+
+        self.log(
+            f"internimage train: {cfg['model']['name']} ({count_params(model) / 1e6:.2f}M "
+            f"params, {num_classes} classes) on "
+            f"{'digits (embedded)' if dcfg['dir'] is None else dcfg['dir']}: "
+            f"{len(train_ds)} train / {len(val_ds)} val images at "
+            f"{data_config['input_size'][-1]}px; {ctx.world} process(es) on {device}"
+            + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
+            + f"; batch {dcfg['batch_size']}x{ctx.world}, lr {lr:.3g}, {epochs} epochs; "
+            f"output {self.out}"
+        )
+        if start_epoch >= epochs:
+            self.log(f"'{self.out}' already finished its {epochs} epochs; nothing to do")
+            return 0
+        if start_epoch:
+            self.log(f"resuming after epoch {start_epoch} (step {global_step})")
+
+        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype \
+            else nullcontext
+        run_started = time.perf_counter()
+        epochs_this_run = 0
+        for epoch in range(start_epoch, epochs):
+            train_sampler.set_epoch(epoch)
+            ddp_model.train()
+            started = time.perf_counter()
+            sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+            seen = 0
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs} train",
+                       unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True,
+                       disable=self.quiet or not ctx.main)
+            try:
+                for step, (images, targets) in enumerate(self._batches(train_loader)):
+                    images = images.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    hard_targets = targets
+                    if mixup is not None:
+                        images, targets = mixup(images, targets)
+                    with autocast():
+                        logits = ddp_model(images)
+                        loss = criterion(logits.float(), targets)
+                    if not torch.isfinite(loss):
+                        raise CommandError(
+                            f"training diverged: the loss is {loss.item()} at epoch "
+                            f"{epoch + 1}, step {step + 1} (lr "
+                            f"{optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or set "
+                            "optim.clip_grad"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if ocfg["clip_grad"]:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), ocfg["clip_grad"])
+                    scaler.step(optimizer)
+                    scaler.update()
+                    global_step += 1
+                    scheduler.step_update(num_updates=global_step)
+                    if ema is not None:
+                        ema.update(model, step=global_step)
+                    n = images.shape[0]
+                    seen += n
+                    sums[0] += loss.detach().double().item() * n
+                    if mixup is None:
+                        sums[1] += (logits.argmax(-1) == hard_targets).sum().item()
+                    sums[2] += n
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
+                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{seen * ctx.world / max(elapsed, 1e-9):.1f}",
+                                    refresh=False)
+                    bar.update(1)
+            finally:
+                bar.close()
+            train_time = time.perf_counter() - started
+            loss_sum, correct, count = ctx.sum(sums.tolist())
+
+            val_started = time.perf_counter()
+            val = self._evaluate(model, val_loader, device, autocast, f"epoch {epoch + 1} val")
+            ema_val = self._evaluate(ema.module, val_loader, device, autocast,
+                                     f"epoch {epoch + 1} val (EMA)") if ema is not None else {}
+            val_time = time.perf_counter() - val_started
+            record = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
+                    "lr_scale", 1.0),
+                "train_loss": loss_sum / count,
+                "train_acc1": (correct / count * 100) if mixup is None else None,
+                "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
+                "ema_val_loss": ema_val.get("loss"), "ema_val_acc1": ema_val.get("acc1"),
+                "ema_val_acc5": ema_val.get("acc5"),
+                "train_time_s": round(train_time, 3), "val_time_s": round(val_time, 3),
+                "train_images_per_s": round(count / train_time, 2),
+            }
+            history.append(record)
+            rng = ctx.gather(_rng_state(device))
+            if ctx.main:
+                self._save(model, ema, optimizer, scheduler, scaler, epoch + 1, global_step,
+                           history, rng, classes, num_classes, data_config)
+            self.log(
+                f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}"
+                + (f", train acc {record['train_acc1']:.2f}%" if mixup is None else "")
+                + f", val loss {val['loss']:.4f}, val acc {val['acc1']:.2f}%"
+                + (f" (EMA {ema_val['acc1']:.2f}%)" if ema is not None else "")
+                + f", lr {record['lr']:.3g}, {train_time + val_time:.1f} s "
+                f"({record['train_images_per_s']:.1f} img/s)"
+            )
+            epochs_this_run += 1
+            if self.stop_after is not None and epochs_this_run >= self.stop_after \
+                    and epoch + 1 < epochs:
+                self.log(f"stopped after {epochs_this_run} epoch(s) as asked (--stop-after); "
+                         f"continue with: internimage train --resume {self.out}")
+                return 0
+
+        wall = time.perf_counter() - run_started
+        best = max(history, key=lambda r: r["val_acc1"])
+        last = history[-1]
+        self.log(
+            f"done: {epochs_this_run} epoch(s) in {wall:.1f} s "
+            f"({wall / max(epochs_this_run, 1):.1f} s/epoch); final val acc {last['val_acc1']:.2f}%"
+            + (f" (EMA {last['ema_val_acc1']:.2f}%)" if last.get("ema_val_acc1") is not None
+               else "")
+            + f", best {best['val_acc1']:.2f}% at epoch {best['epoch']}; outputs in {self.out}"
+        )
+        return 0
+
+    def _batches(self, loader: DataLoader) -> Iterator[Any]:
+        """Iterates ``loader``; a decoding error raised in a worker keeps its one-line
+        message."""
+        iterator = iter(loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except CommandError as error:
+                text = str(error)
+                if "Original Traceback" in text:  # re-raised from a DataLoader worker
+                    text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+                raise CommandError(text) from error
+            yield batch
+
+    @torch.no_grad()
+    def _evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
+                  autocast: Any, desc: str) -> dict[str, float]:
+        from tqdm import tqdm
+
+        was_training = model.training
+        model.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1, top-5, n
+        with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
+                  dynamic_ncols=True, disable=self.quiet or not self.ctx.main) as bar:
+            for images, targets in self._batches(loader):
+                images, targets = images.to(device), targets.to(device)
+                with autocast():
+                    logits = model(images).float()
+                sums[0] += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                sums[1] += (top[:, 0] == targets).sum().item()
+                sums[2] += (top == targets[:, None]).any(-1).sum().item()
+                sums[3] += images.shape[0]
+                bar.update(1)
+        model.train(was_training)
+        loss, top1, top5, count = self.ctx.sum(sums)
+        count = max(count, 1)
+        return {"loss": loss / count, "acc1": top1 / count * 100, "acc5": top5 / count * 100}
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def _metadata(self, classes: list[str], num_classes: int, data_config: dict[str, Any],
+                  epoch: int) -> dict[str, Any]:
+        import internimage
+
+        return {
+            "format": "pt",
+            "model_name": self.cfg["model"]["name"],
+            "model_kwargs": {k: v for k, v in self.cfg["model"]["kwargs"].items()
+                             if k not in ("drop_path_rate", "with_cp")},
+            "num_classes": str(num_classes),
+            "class_names": list(classes) + [str(i) for i in range(len(classes), num_classes)],
+            "data_config": {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in data_config.items()},
+            "epoch": str(epoch),
+            "producer": f"internimage {internimage.__version__} train",
+        }
+
+    def _save(self, model: nn.Module, ema: Any, optimizer: Any, scheduler: Any, scaler: Any,
+              epoch: int, global_step: int, history: list[dict[str, Any]], rng: list[Any],
+              classes: list[str], num_classes: int, data_config: dict[str, Any]) -> None:
+        out = self.out
+        assert out is not None
+        atomic_write_text(out / "metrics.json", json.dumps(history, indent=2) + "\n")
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=_METRIC_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for record in history:
+            writer.writerow({k: "" if record.get(k) is None else record[k]
+                             for k in _METRIC_FIELDS})
+        atomic_write_text(out / "metrics.csv", buffer.getvalue())
+        _plot(history, out / "curves.png")
+        meta = self._metadata(classes, num_classes, data_config, epoch)
+        save_safetensors(out / "model.safetensors", model.state_dict(), meta)
+        if ema is not None:
+            save_safetensors(out / "model_ema.safetensors", ema.module.state_dict(),
+                             dict(meta, weights="ema"))
+        state = {
+            "format": STATE_FORMAT,
+            "epoch": epoch,
+            "global_step": global_step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict(),
+            "rng": rng,
+            "world_size": self.ctx.world,
+            "history": history,
+            "config": dump_config(self.cfg),
+        }
+        with atomic_path(out / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _load_state(self, model: nn.Module, optimizer: Any, scheduler: Any, ema: Any,
+                    scaler: Any, device: torch.device) -> dict[str, Any]:
+        assert self.resume is not None
+        path = self.resume / "state.pt"
+        if not path.is_file():
+            raise CommandError(f"--resume: '{self.resume}' has no state.pt (no epoch finished)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CommandError(f"--resume: cannot read '{path}' ({one_line(error)[:200]})") \
+                from error
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CommandError(f"--resume: '{path}' is not a {STATE_FORMAT} file")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        if state["world_size"] == self.ctx.world and len(rng) == self.ctx.world:
+            _set_rng_state(rng[self.ctx.rank], device)
+        else:
+            self.note(f"the run was saved with {state['world_size']} process(es), resuming with "
+                      f"{self.ctx.world}: random streams are re-seeded (not bit-exact)")
+            _seed_all(self.cfg["train"]["seed"] + 7919 * state["epoch"] + self.ctx.rank)
+        return state
+
+
+def _cap_posterize(transform: Any) -> bool:
+    """Caps the magnitude of timm's ``PosterizeIncreasing`` RandAugment op at 9.99 when
+    Pillow refuses ``posterize(img, 0)`` (Pillow 13 raises; older versions returned a black
+    image), so magnitude-noise draws of 10 keep 1 bit instead of crashing a worker.
+    Returns whether anything was changed."""
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return False
+    except ValueError:
+        pass
+    changed = False
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "name", "") == "PosterizeIncreasing" and \
+                    (op.magnitude_max is None or op.magnitude_max >= 10):
+                op.magnitude_max = 9.99
+                changed = True
+    return changed
+
+
+def _plot(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and accuracy curves (matplotlib's Agg canvas; no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in history]
+    figure = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_ax, acc_ax = figure.subplots(1, 2)
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="val")
+    if history[0].get("ema_val_loss") is not None:
+        loss_ax.plot(epochs, [r["ema_val_loss"] for r in history], marker=".", label="val (EMA)")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    if history[0].get("train_acc1") is not None:
+        acc_ax.plot(epochs, [r["train_acc1"] for r in history], marker="o", label="train")
+    acc_ax.plot(epochs, [r["val_acc1"] for r in history], marker="o", label="val")
+    if history[0].get("ema_val_acc1") is not None:
+        acc_ax.plot(epochs, [r["ema_val_acc1"] for r in history], marker=".", label="val (EMA)")
+    acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if len(epochs) > 1:
+            ax.set_xlim(min(epochs), max(epochs))
+    figure.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``internimage train``; see the module docstring."""
+    cfg, recipe, resume = resolve_config(args)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if not math.isfinite(cfg["optim"]["lr"]):
+        raise CommandError(f"optim.lr: expected a finite number, got {cfg['optim']['lr']}")
+    return Trainer(cfg, recipe, resume, args).run()
