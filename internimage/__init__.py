@@ -1,6 +1,23 @@
-"""InternImage (CVPR 2023) and its DCNv3 operator for PyTorch and timm."""
+"""InternImage (CVPR 2023) and its DCNv3 operator for PyTorch and timm.
 
-from internimage.ops import dcnv3, dcnv3_reference
+Importing the package registers the timm models ``internimage_t/s/b/l/xl/h/g``. The functional
+op lives in :mod:`internimage.ops` (``internimage.ops.dcnv3``); ``internimage.dcnv3`` is the
+module file holding the :class:`DCNv3` layer.
+"""
+
+from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
+from internimage.dcnv3 import DCNv3
+from internimage.export import export_onnx
+from internimage.internimage import InternImage, checkpoint_filter_fn, dcn_offset_param_names
 
 __version__ = "0.1.0"
-__all__ = ["dcnv3", "dcnv3_reference", "__version__"]
+__all__ = [
+    "DCNv3",
+    "InternImage",
+    "checkpoint_filter_fn",
+    "dcn_offset_param_names",
+    "convert_checkpoint",
+    "load_original_checkpoint",
+    "export_onnx",
+    "__version__",
+]

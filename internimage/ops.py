@@ -321,7 +321,8 @@ def dcnv3_reference(
     sampled = sampled.view(n, group, group_channels, out_h, out_w, points)
     weights = mask.reshape(n, out_h, out_w, group, points).permute(0, 3, 1, 2, 4)
     output = (sampled * weights.unsqueeze(2)).sum(dim=-1)  # (N, G, gc, H_out, W_out)
-    return output.permute(0, 3, 4, 1, 2).reshape(n, out_h, out_w, group * group_channels)
+    output = output.permute(0, 3, 4, 1, 2).reshape(n, out_h, out_w, group * group_channels)
+    return output.contiguous()  # same layout as the compiled op's output
 
 
 # ---------------------------------------------------------------------------------------------

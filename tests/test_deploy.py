@@ -1,0 +1,222 @@
+"""Deployment paths other than torch.compile and ONNX (see test_deploy_compile.py and
+test_deploy_onnx.py): autocast, TorchScript (trace) and deterministic backward on CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from deploy_utils import forward_backward, make_input, make_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from internimage.export import export_torchscript
+from internimage.ops import dcnv3, extension_available
+
+needs_op = pytest.mark.skipif(not extension_available(), reason="compiled DCNv3 op not built")
+
+# Ops that do the network's heavy lifting: under autocast they must run in the low dtype.
+_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::convolution",
+               "aten::mkldnn_convolution", "aten::_convolution"}
+
+
+class _DtypeRecorder(TorchDispatchMode):
+    """Records the tensor-argument dtypes of the DCNv3 ops and of the matmul/conv ops, as
+    they reach the kernels (below the autocast dispatch key)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("internimage::") or name in _MATMUL_OPS:
+            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+            self.calls.append((name, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autocast
+
+
+@pytest.mark.parametrize("core_op", [
+    pytest.param("DCNv3", marks=needs_op),
+    "DCNv3_pytorch",
+])
+@pytest.mark.parametrize("kind", ["conv", "clip"])
+def test_cpu_autocast_bfloat16(kind, core_op):
+    model = make_model(kind, core_op=core_op)
+    x = make_input(2, 64)
+    with torch.no_grad():
+        expected = model(x)
+    recorder = _DtypeRecorder()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    # bfloat16 keeps 8 significant bits: about 1 % of the logits' range through the network.
+    error = ((out.float() - expected).abs().max() / expected.abs().max()).item()
+    assert error < 5e-2, f"bf16 autocast deviates by {error:.3g} of the logits' range"
+
+    op_calls = [dtypes for name, dtypes in recorder.calls if name == "internimage::dcnv3"]
+    if core_op == "DCNv3":
+        assert len(op_calls) == (4 if kind == "conv" else 6)
+        assert all(d == (torch.bfloat16,) * 3 for d in op_calls), op_calls
+    else:
+        assert op_calls == []
+    heavy = [dtypes for name, dtypes in recorder.calls if name in _MATMUL_OPS]
+    assert heavy, "no matmul/conv op recorded"
+    assert all(d[0] == torch.bfloat16 for d in heavy), "a matmul/conv ran in float32"
+
+
+@needs_op
+def test_cpu_autocast_bfloat16_backward():
+    model = make_model("clip")
+    recorder = _DtypeRecorder()
+    with torch.autocast("cpu", dtype=torch.bfloat16), recorder:
+        out = model(make_input(2, 64))
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+    backward_calls = [d for name, d in recorder.calls if name == "internimage::dcnv3_backward"]
+    assert len(backward_calls) == 6
+    assert all(d == (torch.bfloat16,) * 4 for d in backward_calls)
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name
+
+
+@needs_op
+def test_op_autocast_policy():
+    """The op's documented policy: float32 -> autocast dtype, float64 untouched."""
+    x = torch.randn(1, 5, 5, 16)
+    offset = torch.randn(1, 5, 5, 18)
+    mask = torch.softmax(torch.randn(1, 5, 5, 9), -1)
+    args = (3, 1, 1, 1, 1, 16, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dcnv3(x, offset, mask, *args).dtype == torch.bfloat16
+        assert torch.ops.internimage.dcnv3.default(
+            x, offset, mask, [3, 3], [1, 1], [1, 1], [1, 1], 1, 16, 1.0, False
+        ).dtype == torch.bfloat16
+        assert dcnv3(x.double(), offset.double(), mask.double(), *args).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript
+
+
+def _trace(model, x):
+    # Traced for inference (as export_torchscript does): no_grad, so any grad-mode dependent
+    # fast path of the model is the one recorded and replayed.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        return torch.jit.trace(model, (x,), check_trace=False)
+
+
+@needs_op
+@pytest.mark.parametrize("kind", ["conv", "clip"])
+def test_torchscript_trace_matches_eager(tmp_path, kind):
+    model = make_model(kind)
+    traced = _trace(model, make_input(2, 64))
+    kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+    assert kinds.count("internimage::dcnv3") == (4 if kind == "conv" else 6)
+
+    path = tmp_path / "model.pt"
+    traced.save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(path))
+    # Other batch sizes and image sizes than the traced one: shapes are read at run time.
+    for batch, size in ((2, 64), (3, 64), (1, 96)):
+        x = make_input(batch, size, seed=batch + size)
+        with torch.no_grad():
+            expected = model(x)
+            torch.testing.assert_close(traced(x), expected, rtol=0, atol=0)
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_export_torchscript_reference_path(tmp_path):
+    model = make_model("conv", core_op="DCNv3_pytorch")
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_torchscript(model, tmp_path / "ref.pt", img_size=64, batch_size=2)
+        loaded = torch.jit.load(str(path))
+    assert model.training  # restored
+    kinds = {node.kind() for node in loaded.inlined_graph.nodes()}
+    assert "aten::grid_sampler" in kinds and "internimage::dcnv3" not in kinds
+    model.eval()
+    x = make_input(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+
+
+@pytest.fixture
+def deterministic():
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+    torch.set_num_threads(threads)
+
+
+def _assert_identical(a, b):
+    out_a, gx_a, grads_a = a
+    out_b, gx_b, grads_b = b
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(gx_a, gx_b)
+    assert all(torch.equal(u, v) for u, v in zip(grads_a, grads_b, strict=True))
+
+
+@pytest.mark.parametrize("core_op", [pytest.param("DCNv3", marks=needs_op), "DCNv3_pytorch"])
+@pytest.mark.parametrize("kind", ["conv", "clip"])
+def test_backward_bit_reproducible(deterministic, kind, core_op):
+    model = make_model(kind, core_op=core_op)
+    x = make_input(2, 64)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        _assert_identical(forward_backward(model, x), forward_backward(model, x))
+
+
+@needs_op
+def test_op_bit_identical_across_thread_counts(deterministic):
+    """The CPU kernels give every thread whole (batch, group) slices in the backward (and
+    whole output pixels in the forward): the same bits for any thread count."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 13, 64, generator=g)
+    offset = torch.randn(2, 12, 13, 4 * 9 * 2, generator=g) * 2
+    mask = torch.softmax(torch.randn(2, 12, 13, 4, 9, generator=g), -1).flatten(-2)
+    grad_out = torch.randn(2, 12, 13, 64, generator=g)
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (x, offset, mask)]
+        out = dcnv3(*leaves, 3, 1, 1, 1, 4, 16, 1.0)
+        out.backward(grad_out)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(run())
+    for result in results[1:]:
+        assert all(torch.equal(u, v) for u, v in zip(results[0], result, strict=True))
+
+
+@needs_op
+def test_model_across_thread_counts_agrees_to_rounding(deterministic):
+    """Across thread counts PyTorch's own GEMM/conv kernels block differently (the first
+    difference is the conv head's 1x1 conv), so the model agrees only to float rounding."""
+    model = make_model("conv")
+    x = make_input(2, 64)
+    torch.set_num_threads(1)
+    one = forward_backward(model, x)
+    torch.set_num_threads(2)
+    two = forward_backward(model, x)
+    for a, b in zip([one[0], one[1], *one[2]], [two[0], two[1], *two[2]], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
