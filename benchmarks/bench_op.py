@@ -1,8 +1,10 @@
 """DCNv3 op on CPU: compiled kernels vs the pure-PyTorch reference, side by side in one run.
 
 Shapes are InternImage-T's four stages for a 224x224 input (3x3 kernel, stride 1, pad 1,
-16 channels per group). Each case times forward and forward+backward of both paths,
-interleaved, and reports the median of the repeats and the speed-up ratio.
+16 channels per group). Each case times forward and forward+backward of both paths in
+alternating rounds (a round runs one path several times back to back and takes the mean, so
+one path's allocations do not land inside the other's timing) and reports the median round
+and the speed-up ratio.
 
     python benchmarks/bench_op.py [--batch-sizes 1 8] [--repeats 7] [--dtype float32]
 """
@@ -34,10 +36,12 @@ def make_inputs(n: int, size: int, channels: int, group: int, dtype: torch.dtype
     return x, offset, mask
 
 
-def time_call(fn: Callable[[], object]) -> float:
+def time_round(fn: Callable[[], object], calls: int) -> float:
+    """Mean seconds per call over `calls` back-to-back calls."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def bench_case(n: int, size: int, channels: int, group: int, dtype: torch.dtype, repeats: int):
@@ -59,8 +63,8 @@ def bench_case(n: int, size: int, channels: int, group: int, dtype: torch.dtype,
         for op in (dcnv3, dcnv3_reference):  # warm-up
             body(op)
         for _ in range(repeats):
-            samples["compiled"].append(time_call(lambda b=body: b(dcnv3)))
-            samples["reference"].append(time_call(lambda b=body: b(dcnv3_reference)))
+            samples["compiled"].append(time_round(lambda b=body: b(dcnv3), calls=5))
+            samples["reference"].append(time_round(lambda b=body: b(dcnv3_reference), calls=2))
         results[label] = {k: statistics.median(v) for k, v in samples.items()}
     return results
 
@@ -77,7 +81,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {args.dtype}, median of {args.repeats}"
+        f"{platform.processor() or platform.machine()}, {args.dtype}, "
+        f"median of {args.repeats} rounds"
     )
     header = (
         "| shape (N, H=W, C, G) | fwd compiled ms | fwd reference ms | fwd ratio "
