@@ -385,7 +385,7 @@ def run_bench(args: argparse.Namespace) -> int:
     env = _environment(device, dtype, args, img_size)
     started = time.perf_counter()
     with tqdm(total=len(cases), desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True,
-              disable=args.quiet) as progress:
+              disable=args.quiet or not sys.stderr.isatty()) as progress:
         for case in cases:
             progress.set_description(case.label)
             _run_case(case, device, warmup, args.iters, args.budget, progress)

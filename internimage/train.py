@@ -633,7 +633,7 @@ class Trainer:
             seen = 0
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs} train",
                        unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True,
-                       disable=self.quiet or not ctx.main)
+                       disable=self.quiet or not ctx.main or not sys.stderr.isatty())
             try:
                 for step, (images, targets) in enumerate(self._batches(train_loader)):
                     images = images.to(device, non_blocking=True)
@@ -753,7 +753,8 @@ class Trainer:
         model.eval()
         sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1, top-5, n
         with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
-                  dynamic_ncols=True, disable=self.quiet or not self.ctx.main) as bar:
+                  dynamic_ncols=True,
+                  disable=self.quiet or not self.ctx.main or not sys.stderr.isatty()) as bar:
             for images, targets in self._batches(loader):
                 images, targets = images.to(device), targets.to(device)
                 with autocast():
