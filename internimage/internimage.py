@@ -23,7 +23,6 @@ stage activations are contiguous NHWC, so every Linear runs without a permute an
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -378,6 +377,7 @@ class ConvClassifierHead(nn.Module):
         ref = next(self.parameters(), None)
         dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         self.fc = self._make_fc(num_classes, **dd)
+        self.train(self.training)  # new modules follow the head's train/eval mode
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.act(self.norm(self.conv(x)))
@@ -535,6 +535,7 @@ class ClipClassifierHead(nn.Module):
         ref = next(self.parameters(), None)
         dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         self.fc = self._make_fc(num_classes, **dd)
+        self.train(self.training)  # new modules follow the head's train/eval mode
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.pool_type == "attn":
@@ -618,14 +619,8 @@ class InternImage(nn.Module):
         head_drop_rate: float = 0.0,
         device=None,
         dtype=None,
-        **kwargs: Any,
     ) -> None:
         super().__init__()
-        if kwargs:
-            warnings.warn(
-                f"InternImage: ignoring unknown keyword arguments {sorted(kwargs)}",
-                stacklevel=2,
-            )
         dd = dict(device=device, dtype=dtype)
         if core_op not in CORE_OPS:
             raise ValueError(f"core_op must be one of {list(CORE_OPS)}, got {core_op!r}")

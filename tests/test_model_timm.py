@@ -498,8 +498,10 @@ def test_constructor_accepts_original_keywords_and_validates() -> None:
                         level2_post_norm_block_ids=None, res_post_norm=False,
                         center_feature_scale=False, remove_center=False, in_chans=3)
     assert model.head_hidden_size == 192
-    with pytest.warns(UserWarning, match="img_size"):
+    with pytest.raises(TypeError, match="img_size"):  # timm's contract: unknown kwargs raise
         InternImage(**TINY, img_size=224)
+    with pytest.raises(TypeError, match="not_a_model_arg"):
+        timm.create_model("internimage_t", pretrained=False, not_a_model_arg=1)
     for kwargs, match in [(dict(core_op="DCNv4"), "core_op"),
                           (dict(groups=[1, 2, 4]), "groups"),
                           (dict(drop_path_type="cosine"), "drop_path_type"),
