@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
@@ -18,6 +19,17 @@ def golden_files(pattern: str) -> list[Path]:
             "../shared/golden beside the repository root"
         )
     return files
+
+
+def load_golden(name: str) -> dict:
+    """One golden file; fails (never skips) when it is missing."""
+    path = GOLDEN_DIR / name
+    if not path.is_file():
+        pytest.fail(
+            f"golden file {path} is missing: the parity tests need the shared golden vectors "
+            f"in {GOLDEN_DIR} (see its README.md); they are never skipped"
+        )
+    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="session")

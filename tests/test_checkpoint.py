@@ -8,22 +8,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import load_golden
 from safetensors.torch import load_file
 
 from internimage import InternImage, checkpoint_filter_fn, convert_checkpoint
 from internimage.checkpoint import UnsafeCheckpointError, load_original_checkpoint
-
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-
-
-def load_golden(name: str) -> dict:
-    path = GOLDEN_DIR / name
-    if not path.is_file():
-        pytest.fail(
-            f"golden file {path} is missing: these tests need the shared golden vectors in "
-            f"{GOLDEN_DIR} (see its README.md); they are never skipped"
-        )
-    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_golden
 
 from internimage import DCNv3
 from internimage.dcnv3 import convert_dcnv3_state_dict
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 CORE_OPS = ("DCNv3", "DCNv3_pytorch")
 
-
-def load_golden(name: str) -> dict:
-    path = GOLDEN_DIR / name
-    if not path.is_file():
-        pytest.fail(
-            f"golden file {path} is missing: the parity tests need the shared golden vectors "
-            f"in {GOLDEN_DIR} (see its README.md); they are never skipped"
-        )
-    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ and compared stage by stage. Golden stage maps are NHWC; ours are NCHW.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
+from conftest import load_golden
 
 from internimage import InternImage, checkpoint_filter_fn
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 MODEL_FILES = (
     "model_t_like.pt",
     "model_b_like_layerscale_postnorm.pt",
@@ -27,15 +25,6 @@ F64_ATOL = 1e-9
 F32_STAGE_ATOL = 5e-5
 F32_LOGITS_ATOL = 5e-6
 
-
-def load_golden(name: str) -> dict:
-    path = GOLDEN_DIR / name
-    if not path.is_file():
-        pytest.fail(
-            f"golden file {path} is missing: the parity tests need the shared golden vectors "
-            f"in {GOLDEN_DIR} (see its README.md); they are never skipped"
-        )
-    return torch.load(path, weights_only=True)
 
 
 @pytest.fixture(scope="module", params=MODEL_FILES)
