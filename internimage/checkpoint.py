@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from internimage.internimage import _WRAPPER_KEYS, _unwrap, checkpoint_filter_fn
+
 __all__ = [
     "UnsafeCheckpointError",
     "load_checkpoint_file",
@@ -111,18 +113,18 @@ def load_original_checkpoint(
             f"'{path}' does not hold a state dict: expected a mapping, got "
             f"{type(checkpoint).__name__}"
         )
-    keys = (("model_ema",) if use_ema else ()) + ("model", "state_dict", "module")
-    for key in keys:
-        inner = checkpoint.get(key)
-        if isinstance(inner, Mapping):
-            checkpoint = inner
-            break
+    ema = checkpoint.get("model_ema") if use_ema else None
+    if isinstance(ema, Mapping):
+        checkpoint = ema
     else:
-        if use_ema:
+        unwrapped = _unwrap(checkpoint)  # the filter's own wrapper handling
+        if use_ema and unwrapped is checkpoint:
             raise ValueError(f"use_ema=True but '{path}' has no 'model_ema' entry")
+        checkpoint = unwrapped
     tensors = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise ValueError(f"'{path}' holds no tensors under {list(keys)} or at the top level")
+        keys = (["model_ema"] if use_ema else []) + list(_WRAPPER_KEYS)
+        raise ValueError(f"'{path}' holds no tensors under {keys} or at the top level")
     return tensors
 
 
@@ -161,7 +163,6 @@ def convert_checkpoint(
     import timm
     from safetensors.torch import save_file
 
-    from internimage.internimage import checkpoint_filter_fn
 
     if not isinstance(model_name, str) or not timm.is_model(model_name):
         raise ValueError(f"model_name must be a registered timm model name, got {model_name!r}")
