@@ -8,7 +8,12 @@ module file holding the :class:`DCNv3` layer.
 from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
 from internimage.dcnv3 import DCNv3
 from internimage.export import export_onnx
-from internimage.internimage import InternImage, checkpoint_filter_fn, dcn_offset_param_names
+from internimage.internimage import (
+    InternImage,
+    checkpoint_filter_fn,
+    dcn_offset_param_names,
+    imagenet22k_to_1k_indices,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,6 +21,7 @@ __all__ = [
     "InternImage",
     "checkpoint_filter_fn",
     "dcn_offset_param_names",
+    "imagenet22k_to_1k_indices",
     "convert_checkpoint",
     "load_original_checkpoint",
     "export_onnx",

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
 from typing import Any
 
 import torch
@@ -35,7 +37,12 @@ from timm.layers import (
     register_notrace_module,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
@@ -61,6 +68,7 @@ __all__ = [
     "ClipClassifierHead",
     "checkpoint_filter_fn",
     "dcn_offset_param_names",
+    "imagenet22k_to_1k_indices",
 ]
 
 # Constants of the original clip-projector head (hard-coded there as well).
@@ -70,6 +78,9 @@ CLIP_OUT_DIM = 768
 CLIP_UPSAMPLE = 2
 
 LN_EPS = 1e-6
+
+IN1K_NUM_CLASSES = 1000
+IN22K_NUM_CLASSES = 21841
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,6 +952,42 @@ def _centre_removed(tensor: Tensor, group: int, points: int, pairs: int) -> Tens
     return rows[:, keep].reshape(group * points * pairs, *tensor.shape[1:])
 
 
+@lru_cache(maxsize=1)
+def _map22kto1k() -> tuple[int, ...]:
+    text = resources.files("internimage").joinpath("map22kto1k.txt").read_text()
+    rows = tuple(int(line) for line in text.splitlines() if line.strip() and line[0] != "#")
+    if len(rows) != IN1K_NUM_CLASSES or not all(0 <= r < IN22K_NUM_CLASSES for r in rows):
+        raise RuntimeError(
+            f"internimage/map22kto1k.txt must hold {IN1K_NUM_CLASSES} rows in "
+            f"[0, {IN22K_NUM_CLASSES}), got {len(rows)} rows in [{min(rows, default=None)}, "
+            f"{max(rows, default=None)}]: the installed package is damaged"
+        )
+    return rows
+
+
+def imagenet22k_to_1k_indices() -> Tensor:
+    """Rows of a 21841-class ImageNet-22k classifier that give the 1000 ImageNet-1k classes.
+
+    Returns an int64 tensor of shape ``(1000,)``: entry ``k`` is the 22k row for 1k class
+    ``k``, so ``logits_22k[:, idx]`` are 1k logits and ``fc.weight[idx]`` / ``fc.bias[idx]``
+    a 1k head. This is the original's ``classification/meta_data/map22kto1k.txt`` (class 850,
+    teddy bear, has no 22k synset and reuses row 11136, class 849's).
+    """
+    return torch.tensor(_map22kto1k(), dtype=torch.long)
+
+
+def _head_22k_to_1k(key: str, value: Tensor, target: Tensor) -> Tensor | None:
+    """``head.fc.weight`` ``(21841, D)`` / ``head.fc.bias`` ``(21841,)`` sliced to the 1k rows
+    when the model's head has 1000 classes; None for any other key or shape."""
+    if key not in ("head.fc.weight", "head.fc.bias"):
+        return None
+    if value.shape[0] != IN22K_NUM_CLASSES or target.shape[0] != IN1K_NUM_CLASSES:
+        return None
+    if value.shape[1:] != target.shape[1:]:
+        return None
+    return value.index_select(0, imagenet22k_to_1k_indices().to(value.device))
+
+
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: nn.Module | None = None
 ) -> dict[str, Any]:
@@ -958,8 +1005,10 @@ def checkpoint_filter_fn(
     checkpoints are converted for a
     ``remove_center`` model by dropping the centre offset/mask rows, and layer-scale gammas
     the checkpoint lacks (T used with ``layer_scale`` as in the detection configs) are set to
-    the model's ``layer_scale`` init value. The 22k -> 1k head slicing of the original
-    (``map22kto1k.txt``) is not applied; timm drops a head whose size differs.
+    the model's ``layer_scale`` init value; a 21841-class ImageNet-22k head (``head.fc``) is
+    sliced to the 1000 ImageNet-1k rows (:func:`imagenet22k_to_1k_indices`, the original's
+    ``map22kto1k.txt``) when the model has 1000 classes. Other head sizes are left as they
+    are (timm drops a head whose size differs from the pretrained cfg's).
     """
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -974,6 +1023,10 @@ def checkpoint_filter_fn(
     for key, value in list(out.items()):
         target = model_state.get(key)
         if target is None or not isinstance(value, Tensor) or target.shape == value.shape:
+            continue
+        sliced = _head_22k_to_1k(key, value, target)
+        if sliced is not None:
+            out[key] = sliced
             continue
         match = re.search(r"\.dcn\.(offset|mask)\.(weight|bias)$", key)
         if match is not None:
@@ -994,6 +1047,14 @@ def checkpoint_filter_fn(
 
 
 def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
+    if pretrained and kwargs.get("num_classes") == IN1K_NUM_CLASSES:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"),
+                                     kwargs.get("pretrained_cfg_overlay"))
+        if cfg.num_classes == IN22K_NUM_CLASSES:
+            # A 22k tag loaded into a 1k model: the filter slices the head to the 1k rows, so
+            # the weights timm loads are 1k weights; with the cfg's 21841 timm would drop them.
+            kwargs["pretrained_cfg_overlay"] = dict(
+                kwargs.get("pretrained_cfg_overlay") or {}, num_classes=IN1K_NUM_CLASSES)
     return build_model_with_cfg(
         InternImage,
         variant,

@@ -10,8 +10,14 @@ import timm
 import torch
 from conftest import load_golden
 from safetensors.torch import load_file
+from timm.data import ImageNetInfo
 
-from internimage import InternImage, checkpoint_filter_fn, convert_checkpoint
+from internimage import (
+    InternImage,
+    checkpoint_filter_fn,
+    convert_checkpoint,
+    imagenet22k_to_1k_indices,
+)
 from internimage.checkpoint import UnsafeCheckpointError, load_original_checkpoint
 
 
@@ -146,6 +152,99 @@ def test_filter_fills_missing_layer_scale_from_model() -> None:
     result = model.load_state_dict(converted)
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(model.stages[1].blocks[0].gamma1, torch.ones(32))
+
+
+# --- ImageNet-22k -> 1k head slicing -------------------------------------------------------------
+
+
+def test_imagenet22k_to_1k_indices_match_the_synset_lists() -> None:
+    """Row k of the 22k head is 1k class k's synset in timm's sorted 21841-synset list."""
+    idx = imagenet22k_to_1k_indices()
+    assert idx.dtype == torch.long and idx.shape == (1000,)
+    assert idx[:3].tolist() == [359, 368, 460] and idx[-1].item() == 21815  # the file's ends
+    synsets_1k = ImageNetInfo("imagenet-1k").label_names()
+    synsets_22k = ImageNetInfo("imagenet-22k").label_names()
+    assert len(synsets_22k) == 21841
+    mismatched = [k for k in range(1000) if synsets_22k[idx[k]] != synsets_1k[k]]
+    # n04399382 (teddy bear) is not a 22k synset; the original reuses class 849's row
+    assert mismatched == [850] and synsets_1k[850] == "n04399382"
+    assert idx[850] == idx[849] == 11136 and len(set(idx.tolist())) == 999
+    idx[0] = -1  # callers get a fresh tensor
+    assert imagenet22k_to_1k_indices()[0] == 359
+
+
+def with_22k_head(golden: dict) -> tuple[dict, dict]:
+    """The golden original-layout state dict with a random 21841-class ``head`` instead."""
+    sd = dict(golden["state_dict"])
+    width = sd["head.weight"].shape[1]
+    generator = torch.Generator().manual_seed(22)
+    sd["head.weight"] = torch.randn(21841, width, generator=generator)
+    sd["head.bias"] = torch.randn(21841, generator=generator)
+    config = {k: v for k, v in golden["config"].items() if k != "num_classes"}
+    return sd, config
+
+
+@pytest.mark.parametrize("kind", ["conv", "clip"])
+def test_22k_head_is_sliced_for_a_1k_model(tmp_path: Path, kind: str, golden_b: dict,
+                                           golden_h: dict) -> None:
+    golden, name = (golden_b, "internimage_b") if kind == "conv" else (golden_h, "internimage_h")
+    tag_22k = {"conv": "internimage_l.in22k_384", "clip": "internimage_h.in22k_384"}[kind]
+    sd, config = with_22k_head(golden)
+    idx = imagenet22k_to_1k_indices()
+
+    model_22k = InternImage(**config, num_classes=21841).eval()
+    model_22k.load_state_dict(checkpoint_filter_fn(sd, model_22k))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model_22k(x)[:, idx]
+
+    model_1k = InternImage(**config, num_classes=1000).eval()
+    converted = checkpoint_filter_fn(sd, model_1k)
+    torch.testing.assert_close(converted["head.fc.weight"], sd["head.weight"][idx], rtol=0, atol=0)
+    torch.testing.assert_close(converted["head.fc.bias"], sd["head.bias"][idx], rtol=0, atol=0)
+    model_1k.load_state_dict(converted)  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(model_1k(x), expected)
+
+    path = tmp_path / "in22k.pth"
+    torch.save({"model": sd}, path)
+    # a 1k tag (cfg 1000 classes) and a 22k tag (cfg 21841) asked for 1000 classes
+    for model_name, kwargs in [(name, {}), (tag_22k, dict(num_classes=1000))]:
+        model = timm.create_model(model_name, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(path)), **config,
+                                  **kwargs).eval()
+        assert model.pretrained_cfg["num_classes"] == 1000
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, msg=model_name)
+
+    dst = convert_checkpoint(path, tmp_path / "in1k.safetensors", name, num_classes=1000,
+                             **config)
+    torch.testing.assert_close(load_file(str(dst))["head.fc.bias"], sd["head.bias"][idx],
+                               rtol=0, atol=0)
+
+
+def test_22k_head_other_sizes_keep_timm_behaviour(tmp_path: Path, golden_b: dict) -> None:
+    """Only a 1000-class model slices: 21841 loads the head as is, other sizes get a new head
+    (timm drops the classifier when num_classes differs from the cfg's)."""
+    sd, config = with_22k_head(golden_b)
+    assert checkpoint_filter_fn(sd)["head.fc.weight"] is sd["head.weight"]
+    assert checkpoint_filter_fn(sd, InternImage(**config, num_classes=10))["head.fc.weight"] \
+        is sd["head.weight"]
+    path = tmp_path / "in22k.pth"
+    torch.save({"model": sd}, path)
+    overlay = dict(file=str(path))
+    full = timm.create_model("internimage_l.in22k_384", pretrained=True,
+                             pretrained_cfg_overlay=overlay, **config).eval()
+    torch.testing.assert_close(full.head.fc.weight, sd["head.weight"], rtol=0, atol=0)
+    small = timm.create_model("internimage_l.in22k_384", pretrained=True,
+                              pretrained_cfg_overlay=overlay, **config, num_classes=10).eval()
+    assert small.head.fc.weight.shape == (10, sd["head.weight"].shape[1])
+    assert small.pretrained_cfg["num_classes"] == 21841
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(small.forward_head(small.forward_features(x), pre_logits=True),
+                                   full.forward_head(full.forward_features(x), pre_logits=True),
+                                   rtol=0, atol=0)
 
 
 # --- safe loading -------------------------------------------------------------------------------
