@@ -2,7 +2,9 @@
 
 Both models run in one process on the same inputs; after a warm-up, the timed forwards are
 interleaved (internimage, convnext, internimage, ...) so machine-load drift hits both alike,
-and the median of each is reported with the latency ratio. Next to wall-clock latency the
+and the median of each is reported with the latency ratio. The same InternImage-T also runs
+with the fused CPU inference kernels switched off (``unfused``: the plain modules), so the
+table shows what those kernels buy. Next to wall-clock latency the
 table gives the median process CPU time per forward (all threads), which is far less
 sensitive to other processes competing for the cores (on a loaded machine, OpenMP threads
 wait for each other and wall time measures the contention more than the model).
@@ -23,6 +25,7 @@ import timm
 import torch
 
 import internimage  # noqa: F401  (registers the internimage_* models)
+from internimage.cpu_inference import unfused
 
 
 def _time_once(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -31,23 +34,42 @@ def _time_once(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
+class Unfused(torch.nn.Module):
+    """Runs ``model`` with the fused CPU inference kernels switched off (the plain modules)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with unfused():
+            return self.model(x)
+
+
 def bench(
-    names: list[str], batch: int, size: int, runs: int, warmup: int, channels_last: bool
+    model_name: str, baseline: str, batch: int, size: int, runs: int, warmup: int,
+    channels_last: bool,
 ) -> dict[str, list[tuple[float, float]]]:
-    """(wall, cpu) seconds per forward and model, interleaved run by run."""
+    """(wall, cpu) seconds per forward of the model (fused kernels on, then off) and the
+    baseline, interleaved run by run."""
     torch.manual_seed(0)
-    models = {name: timm.create_model(name, pretrained=False).eval() for name in names}
+    model = timm.create_model(model_name, pretrained=False).eval()
+    models = {
+        model_name: model,
+        "unfused": Unfused(model),
+        baseline: timm.create_model(baseline, pretrained=False).eval(),
+    }
     x = torch.randn(batch, 3, size, size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     with torch.inference_mode():
         for _ in range(warmup):
-            for model in models.values():
-                model(x)
+            for m in models.values():
+                m(x)
         for _ in range(runs):
-            for name, model in models.items():
-                samples[name].append(_time_once(model, x))
+            for name, m in models.items():
+                samples[name].append(_time_once(m, x))
     return samples
 
 
@@ -89,15 +111,17 @@ def main() -> None:
           f"{args.warmup} warm-up + {args.runs} interleaved runs per model, medians")
     a, b = args.model, args.baseline
     header = (f"{'batch':>5} | {a + ' ms':>17} | {b + ' ms':>18} | {'ratio':>5} | "
-              f"{a + ' cpu-ms':>21} | {b + ' cpu-ms':>22} | {'cpu ratio':>9}")
+              f"{a + ' cpu-ms':>21} | {b + ' cpu-ms':>22} | {'cpu ratio':>9} | "
+              f"{'unfused ms':>10} | {'unfused ratio':>13}")
     print(header)
     print("-" * len(header))
     for batch in args.batch_sizes:
-        samples = bench([a, b], batch, args.size, args.runs, args.warmup, args.channels_last)
-        wall = {n: statistics.median(s[0] for s in samples[n]) * 1e3 for n in (a, b)}
-        cpu = {n: statistics.median(s[1] for s in samples[n]) * 1e3 for n in (a, b)}
+        samples = bench(a, b, batch, args.size, args.runs, args.warmup, args.channels_last)
+        wall = {n: statistics.median(s[0] for s in samples[n]) * 1e3 for n in samples}
+        cpu = {n: statistics.median(s[1] for s in samples[n]) * 1e3 for n in samples}
         print(f"{batch:>5} | {wall[a]:>17.1f} | {wall[b]:>18.1f} | {wall[a] / wall[b]:>5.2f} | "
-              f"{cpu[a]:>21.1f} | {cpu[b]:>22.1f} | {cpu[a] / cpu[b]:>9.2f}")
+              f"{cpu[a]:>21.1f} | {cpu[b]:>22.1f} | {cpu[a] / cpu[b]:>9.2f} | "
+              f"{wall['unfused']:>10.1f} | {wall['unfused'] / wall[b]:>13.2f}")
     if args.profile:
         for batch in args.batch_sizes:
             profile(args.model, batch, args.size, args.profile_rows)

@@ -137,6 +137,11 @@ TORCH_LIBRARY(internimage, m) {
       "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
       "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor, Tensor)");
+  // The DCNv3 module's offset branch fused for float32 CPU inference (forward only):
+  // GELU(LayerNorm over C(depthwise k x k conv, stride 1, padding k // 2)) of (N, H, W, C).
+  m.def(
+      "dwconv_layernorm_gelu(Tensor input, Tensor conv_weight, Tensor? conv_bias, "
+      "Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(internimage, AutocastCPU, m) {

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
+from internimage import cpu_inference
 from internimage import ops as _ops
 from internimage.ops import dcnv3 as _dcnv3_op
 from internimage.ops import dcnv3_reference as _dcnv3_reference
@@ -291,6 +292,11 @@ class DCNv3(nn.Module):
         )
         self.dw_norm = norm_nchw(norm_layer, channels, out_nhwc=True, **dd)
         self.dw_act = act()
+        # LN + exact GELU can run as one fused CPU kernel (see internimage.cpu_inference)
+        self.fuse_offset_branch = (
+            isinstance(self.dw_norm, LayerNormNCHW)
+            and type(self.dw_act) is nn.GELU and self.dw_act.approximate == "none"
+        )
         self.offset = nn.Linear(channels, group * self.points * 2, **dd)
         self.mask = nn.Linear(channels, group * self.points, **dd)
         self.input_proj = nn.Linear(channels, channels, **dd)
@@ -334,6 +340,10 @@ class DCNv3(nn.Module):
 
     def offset_branch(self, x: Tensor) -> Tensor:
         """``act(norm(dw_conv(x)))`` for an NHWC ``x``; returns NHWC ``(N, H, W, C)``."""
+        if self.fuse_offset_branch:
+            fused = cpu_inference.dwconv_layernorm_gelu(x, self.dw_conv, self.dw_norm)
+            if fused is not None:
+                return fused
         x1 = self.dw_conv(x.permute(0, 3, 1, 2))  # channels_last view in, channels_last out
         return self.dw_act(self.dw_norm(x1))
 
@@ -344,7 +354,7 @@ class DCNv3(nn.Module):
         dtype), as the original module does under autocast; see
         :func:`_group_softmax_mask` for the CPU-friendly layout of the computation.
         """
-        offset = self.offset(x1)
+        offset = cpu_inference.linear(x1, self.offset)
         mask = _group_softmax_mask(x1, self.mask.weight, self.mask.bias, self.group,
                                    self.points)
         if offset.dtype != dtype:
@@ -375,7 +385,7 @@ class DCNv3(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, H, W, C)`` -> ``(N, H, W, C)``, channels-last in and out."""
-        value = self.input_proj(x)
+        value = cpu_inference.linear(x, self.input_proj)
         x1 = self.offset_branch(x)
         offset, mask = self.offset_and_mask(x1, value.dtype)
         y = self.core(value, offset, mask)
@@ -387,7 +397,7 @@ class DCNv3(nn.Module):
             groups = (self.group, self.group_channels)
             y = y.unflatten(-1, groups) * (1 - scale) + value.unflatten(-1, groups) * scale
             y = y.flatten(-2)
-        return self.output_proj(y)
+        return cpu_inference.linear(y, self.output_proj)
 
 
 # Original-module key -> this module's key (keys relative to the DCNv3 module).

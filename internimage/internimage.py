@@ -47,6 +47,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
+from internimage import cpu_inference
 from internimage.dcnv3 import (
     CORE_OPS,
     DCNv3,
@@ -155,13 +156,18 @@ class InternImageMlp(nn.Module):
         self.act = get_act_layer(act_layer)()
         self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
         self.drop = nn.Dropout(drop) if drop > 0 else None
+        # exact GELU can run fused into fc1 (see internimage.cpu_inference)
+        self.fuse_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., dim)`` -> ``(..., dim)``."""
-        x = self.act(self.fc1(x))
+        if self.fuse_gelu:
+            x = cpu_inference.linear(x, self.fc1, gelu=True)
+        else:
+            x = self.act(self.fc1(x))
         if self.drop is not None:
             x = self.drop(x)
-        x = self.fc2(x)
+        x = cpu_inference.linear(x, self.fc2)
         if self.drop is not None:
             x = self.drop(x)
         return x

@@ -18,15 +18,10 @@
 #include <vector>
 
 #include "../dcnv3.h"
+#include "cpu_dispatch.h"
 
 namespace internimage {
 namespace {
-
-#if defined(__GNUC__) || defined(__clang__)
-#define DCNV3_ALWAYS_INLINE __attribute__((always_inline)) inline
-#else
-#define DCNV3_ALWAYS_INLINE inline
-#endif
 
 // Channel buffer of one group: a fixed-size array when group_channels is known at compile
 // time (GC > 0, the common 16 and 32, kept in registers), else a heap buffer.
@@ -279,33 +274,6 @@ DCNV3_ALWAYS_INLINE void backward_slices_any(const Dcnv3Geometry& g,
     }
   }
 }
-
-// The entry points are compiled once per instruction set (AVX-512, AVX2+FMA, baseline) and
-// picked at run time, so the channel loops use the widest vectors the CPU has while the
-// library still runs on any x86-64. Only ISA flags differ between the versions (not -march),
-// which lets GCC inline the shared header's helpers into each of them.
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define DCNV3_X86_DISPATCH 1
-#define DCNV3_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma")))
-
-enum class CpuLevel { kBaseline, kAvx2, kAvx512 };
-
-CpuLevel cpu_level() {
-  static const CpuLevel level = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      return CpuLevel::kAvx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      return CpuLevel::kAvx2;
-    }
-    return CpuLevel::kBaseline;
-  }();
-  return level;
-}
-#endif
 
 #define DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, target, suffix)                              \
   target void forward_pixels_##suffix(const Dcnv3Geometry& g, const scalar_t* input,         \

@@ -1,0 +1,135 @@
+"""Fused CPU kernels for float32 inference: oneDNN linear(+GELU), the fused offset branch.
+
+In eager float32 inference on CPU, ``F.linear`` (MKL ``addmm``) first copies the bias into the
+output and GELU then makes another pass over it; oneDNN's linear primitive adds the bias and
+applies GELU while the output tile is still in cache, and it is markedly faster for the
+few-row matrices of the last stage at batch 1. :func:`linear` takes that path only when it
+cannot change anything observable except float rounding (same math; outputs match ``F.linear``
+to float32 rounding, ~1e-6 relative):
+
+* the input is a float32 CPU tensor, autograd is off (``torch.no_grad`` / ``inference_mode``)
+  and CPU autocast is off, and
+* the code is running eagerly: not under ``torch.compile`` / ``torch.export`` (Inductor fuses
+  on its own, and exported graphs must hold standard ops), ``torch.jit`` tracing or scripting,
+  or ``torch.fx`` symbolic tracing.
+
+The DCNv3 offset branch ``GELU(LayerNorm(depthwise_conv(x)))`` likewise runs as one pass,
+``torch.ops.internimage.dwconv_layernorm_gelu`` (:func:`dwconv_layernorm_gelu`), instead of
+three passes and oneDNN's per-call depthwise-convolution setup.
+
+Everything else (training, float64, bfloat16, autocast, CUDA) runs ``F.linear`` + activation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "linear",
+    "dwconv_layernorm_gelu",
+    "fused_cpu_inference",
+    "set_fused_cpu_inference",
+    "unfused",
+]
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if (
+    torch.backends.mkldnn.is_available()
+) else None
+_enabled = True
+
+
+def set_fused_cpu_inference(enabled: bool) -> None:
+    """Turns the fused CPU inference kernels on (default) or off, e.g. to compare timings."""
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _enabled = enabled
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Runs the plain modules inside the block (e.g. to compare with a traced graph, which
+    always holds them); restores the previous setting on exit."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+@torch.jit.unused
+def fused_cpu_inference(x: Tensor) -> bool:
+    """Whether the fused float32 CPU inference kernels apply to activations ``x``."""
+    return (
+        _enabled
+        and _ONEDNN_LINEAR is not None
+        and type(x) is Tensor  # not an fx Proxy or a tensor subclass
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
+@torch.jit.unused
+def _onednn_linear(x: Tensor, layer: nn.Linear, act: str) -> Tensor:
+    return _ONEDNN_LINEAR(x, layer.weight, layer.bias, act, [], "none" if act == "gelu" else "")
+
+
+def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
+    """``layer(x)``, followed by exact (erf) GELU when ``gelu``; ``x`` ``(..., in_features)``.
+
+    Runs oneDNN's fused linear(+GELU) when :func:`fused_cpu_inference` allows it."""
+    if not torch.jit.is_scripting() and fused_cpu_inference(x):
+        return _onednn_linear(x, layer, "gelu" if gelu else "none")
+    x = layer(x)
+    return F.gelu(x) if gelu else x
+
+
+try:
+    from internimage import _C  # noqa: F401  (registers torch.ops.internimage.*)
+
+    _FUSED_BRANCH = torch.ops.internimage.dwconv_layernorm_gelu.default
+except (ImportError, AttributeError):  # the unfused modules run instead
+    _FUSED_BRANCH = None
+
+
+if _FUSED_BRANCH is not None:
+
+    @torch.library.register_fake("internimage::dwconv_layernorm_gelu")
+    def _dwconv_layernorm_gelu_fake(
+        input, conv_weight, conv_bias, norm_weight, norm_bias, eps
+    ):
+        if input.dim() != 4:
+            raise ValueError(
+                f"dwconv_layernorm_gelu: input must be 4-D (N, H, W, C), got {input.dim()}-D"
+            )
+        return input.new_empty(input.shape)
+
+
+def dwconv_layernorm_gelu(
+    x: Tensor, conv: nn.Conv2d, norm: nn.LayerNorm
+) -> Tensor | None:
+    """``GELU(norm(conv(x)))`` for an NHWC ``x`` ``(N, H, W, C)`` in one fused pass, or None
+    when the fused kernel does not apply (see the module docstring; ``conv`` must be a
+    depthwise, stride-1, 'same'-padded odd square kernel, ``norm`` a LayerNorm over C)."""
+    if torch.jit.is_scripting() or _FUSED_BRANCH is None or not fused_cpu_inference(x):
+        return None
+    k = conv.kernel_size[0]
+    if not (
+        conv.groups == conv.in_channels == conv.out_channels == x.shape[-1]
+        and conv.kernel_size == (k, k) and k % 2 == 1
+        and conv.stride == (1, 1) and conv.dilation == (1, 1)
+        and conv.padding == (k // 2, k // 2) and conv.padding_mode == "zeros"
+        and norm.weight is not None and norm.bias is not None
+    ):
+        return None
+    return _FUSED_BRANCH(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)

@@ -1,0 +1,165 @@
+"""The fused float32 CPU inference kernels (internimage.cpu_inference): same results as the
+unfused modules, taken only where they cannot change behaviour, and the fused offset-branch op
+(checks, opcheck, accuracy of its GELU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internimage import DCNv3, InternImage, cpu_inference
+
+OP = torch.ops.internimage.dwconv_layernorm_gelu
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, int]:
+    """Counts the fused kernels' calls."""
+    counts = {"linear": 0, "branch": 0}
+    onednn = cpu_inference._ONEDNN_LINEAR
+    branch_op = cpu_inference._FUSED_BRANCH
+
+    def counting_branch(*args):
+        counts["branch"] += 1
+        return branch_op(*args)
+
+    def counting_linear(*args):
+        counts["linear"] += 1
+        return onednn(*args)
+
+    monkeypatch.setattr(cpu_inference, "_ONEDNN_LINEAR", counting_linear)
+    monkeypatch.setattr(cpu_inference, "_FUSED_BRANCH", counting_branch)
+    return counts
+
+
+def reference_branch(x, conv, norm):
+    y = F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=conv.padding,
+                 groups=conv.groups).permute(0, 2, 3, 1)
+    return F.gelu(F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+
+
+@pytest.mark.parametrize("channels, kernel, bias", [(64, 3, True), (40, 3, True),
+                                                    (200, 5, False), (7, 1, True)])
+@pytest.mark.parametrize("size", [(1, 5), (6, 7)])
+def test_fused_branch_matches_float64(channels, kernel, bias, size) -> None:
+    torch.manual_seed(channels + kernel)
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=bias)
+    norm = nn.LayerNorm(channels, eps=1e-6)
+    nn.init.normal_(norm.weight, 1.0, 2.0)  # wide LN outputs exercise GELU's tails
+    nn.init.normal_(norm.bias, 0.0, 2.0)
+    x = torch.randn(2, *size, channels)
+    with torch.no_grad():
+        fused = OP(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
+        unfused = reference_branch(x, conv, norm)
+        expected = reference_branch(x.double(), copy.deepcopy(conv).double(),
+                                    copy.deepcopy(norm).double())
+    assert fused.shape == x.shape and fused.dtype == torch.float32
+    fused_error = (fused.double() - expected).abs().max().item()
+    unfused_error = (unfused.double() - expected).abs().max().item()
+    # as close to the float64 result as PyTorch's own float32 modules are (within 2x + 1e-6)
+    assert fused_error <= 2 * unfused_error + 1e-6, (fused_error, unfused_error)
+
+
+def test_fused_branch_gelu_tails() -> None:
+    """With gamma = 0 every channel is GELU(beta): the op's GELU over [-30, 30]."""
+    beta = torch.linspace(-30, 30, 6001)
+    channels = beta.numel()
+    x = torch.randn(1, 2, 3, channels)
+    out = OP(x, torch.randn(channels, 1, 3, 3), None, torch.zeros(channels), beta, 1e-6)
+    expected = F.gelu(beta.double()).expand(1, 2, 3, channels)
+    error = (out.double() - expected).abs() / (1 + beta.double().abs())
+    assert error.max().item() < 2e-7
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda x, w: (x[0], w), "must be 4-D"),
+        (lambda x, w: (x.double(), w), "input must be float32"),
+        (lambda x, w: (x, w[:, :, :2, :2]), "conv_weight must have shape"),
+        (lambda x, w: (x, w[:3]), "conv_weight must have shape"),
+    ],
+)
+def test_fused_branch_errors(make, message) -> None:
+    x, weight = torch.randn(1, 4, 4, 8), torch.randn(8, 1, 3, 3)
+    x, weight = make(x, weight)
+    with pytest.raises(RuntimeError, match=message):
+        OP(x, weight, None, torch.ones(8), torch.zeros(8), 1e-6)
+    with pytest.raises(RuntimeError, match="norm_weight must have shape"):
+        OP(torch.randn(1, 4, 4, 8), torch.randn(8, 1, 3, 3), None, torch.ones(4),
+           torch.zeros(8), 1e-6)
+
+
+def test_fused_branch_opcheck() -> None:
+    args = (torch.randn(2, 5, 6, 16), torch.randn(16, 1, 3, 3), torch.randn(16),
+            torch.rand(16) + 0.5, torch.randn(16), 1e-6)
+    torch.library.opcheck(OP, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_linear_matches_f_linear(calls) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80)
+    x = torch.randn(2, 5, 7, 48)
+    with torch.no_grad():
+        fused = cpu_inference.linear(x, layer)
+        fused_gelu = cpu_inference.linear(x, layer, gelu=True)
+        torch.testing.assert_close(fused, F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(fused_gelu, F.gelu(F.linear(x, layer.weight, layer.bias)))
+    assert calls["linear"] == 2
+
+
+def small_model() -> InternImage:
+    torch.manual_seed(0)
+    model = InternImage(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8),
+                        num_classes=10).eval()
+    for module in model.modules():  # non-trivial offsets and masks
+        if isinstance(module, DCNv3):
+            nn.init.normal_(module.offset.weight, std=0.5)
+            nn.init.normal_(module.mask.weight, std=0.5)
+    return model
+
+
+def test_model_fused_matches_unfused(calls) -> None:
+    model = small_model()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model(x)
+        assert calls["linear"] > 0 and calls["branch"] == 5  # one per block
+        with cpu_inference.unfused():
+            unfused = model(x)
+        assert calls["branch"] == 5
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        pytest.param(lambda: torch.enable_grad(), id="grad-enabled"),
+        pytest.param(lambda: torch.autocast("cpu", dtype=torch.bfloat16), id="autocast"),
+    ],
+)
+def test_fused_kernels_not_taken(calls, context) -> None:
+    model = small_model()
+    with context():
+        model(torch.randn(1, 3, 64, 64))
+    assert calls == {"linear": 0, "branch": 0}
+
+
+def test_fused_kernels_not_taken_for_float64_or_compile(calls) -> None:
+    model = small_model()
+    with torch.no_grad():
+        model.double()(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+        assert calls == {"linear": 0, "branch": 0}
+        model.float()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        compiled(torch.randn(1, 3, 64, 64))
+    assert calls == {"linear": 0, "branch": 0}
+
+
+def test_set_fused_cpu_inference_checks_type() -> None:
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        cpu_inference.set_fused_cpu_inference(1)
