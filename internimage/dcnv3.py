@@ -108,8 +108,33 @@ class BatchNormNCHW(nn.BatchNorm2d):
         self.out_nhwc = out_nhwc
 
     def forward(self, x: Tensor) -> Tensor:
-        x = super().forward(x)
+        if torch.jit.is_scripting():
+            x = self._batch_norm_scripted(x)  # TorchScript cannot call super().forward
+        else:
+            x = super().forward(x)
         return x.permute(0, 2, 3, 1) if self.out_nhwc else x
+
+    def _batch_norm_scripted(self, x: Tensor) -> Tensor:
+        """:meth:`torch.nn.BatchNorm2d.forward` written out for TorchScript: batch statistics
+        in training mode (updating the running ones when tracked, by ``momentum`` or, when
+        that is None, as a cumulative average) and in eval mode without running buffers."""
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        momentum = self.momentum
+        factor = 0.0 if momentum is None else momentum
+        if self.training and self.track_running_stats:
+            count = self.num_batches_tracked
+            if count is not None:
+                count.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(count)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x, self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None, self.weight, self.bias, batch_stats,
+            factor, self.eps,
+        )
 
 
 def norm_nchw(
@@ -159,13 +184,14 @@ def _group_softmax_mask(
     slower. One transposing copy brings the result back to ``(M, group * points)``. Same
     arithmetic as ``F.softmax(x1 @ weight.T + bias)`` up to float rounding.
     """
-    lead = x1.shape[:-1]
+    shape = list(x1.shape)  # (..., C) -> (..., G * P), as a list for TorchScript
+    shape[-1] = group * points
     rows = x1.reshape(-1, x1.shape[-1])
     logits = torch.addmm(bias.unsqueeze(1), weight, rows.t())  # (G * P, M)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     mask = logits.view(group, points, -1).softmax(dim=1)
-    return mask.permute(2, 0, 1).reshape(*lead, group * points)
+    return mask.permute(2, 0, 1).reshape(shape)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -210,6 +236,9 @@ class DCNv3(nn.Module):
         core_op: 'DCNv3' (compiled kernels, pure-PyTorch fallback when unavailable) or
             'DCNv3_pytorch' (always the pure-PyTorch reference).
     """
+
+    # A TorchScript constant: the scripted module then holds only the chosen core.
+    __constants__ = ["core_op"]
 
     def __init__(
         self,
@@ -385,6 +414,8 @@ class DCNv3(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, H, W, C)`` -> ``(N, H, W, C)``, channels-last in and out."""
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
         value = cpu_inference.linear(x, self.input_proj)
         x1 = self.offset_branch(x)
         offset, mask = self.offset_and_mask(x1, value.dtype)
@@ -398,6 +429,44 @@ class DCNv3(nn.Module):
             y = y.unflatten(-1, groups) * (1 - scale) + value.unflatten(-1, groups) * scale
             y = y.flatten(-2)
         return cpu_inference.linear(y, self.output_proj)
+
+    def _forward_scripted(self, x: Tensor) -> Tensor:
+        """:meth:`forward` as TorchScript compiles it: the same arithmetic through the plain
+        modules, without the eager-only fused CPU kernels and kernel query. 'DCNv3' calls
+        ``torch.ops.internimage.dcnv3``, which must have a kernel for the device (the
+        reference only when the extension is not built: ``ops._dcnv3_scripted``)."""
+        value = self.input_proj(x)
+        x1 = self.dw_act(self.dw_norm(self.dw_conv(x.permute(0, 3, 1, 2))))
+        offset = self.offset(x1).to(value.dtype)
+        mask = _group_softmax_mask(x1, self.mask.weight, self.mask.bias, self.group,
+                                   self.points).to(value.dtype)
+        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
+        if self.core_op == "DCNv3":
+            y = _ops._dcnv3_scripted(
+                value, offset, mask, [k, k], [s, s], [p, p], [d, d], self.group,
+                self.group_channels, self.offset_scale, self.remove_center,
+            )
+        else:
+            y = _ops._dcnv3_reference_scripted(
+                value, offset, mask, [k, k], [s, s], [p, p], [d, d], self.group,
+                self.group_channels, self.offset_scale, self.remove_center,
+            )
+        if self.center_feature_scale_proj_weight is not None:
+            scale = torch.sigmoid(
+                F.linear(x1, self.center_feature_scale_proj_weight,
+                         self.center_feature_scale_proj_bias)
+            ).unsqueeze(-1)
+            groups = [self.group, self.group_channels]
+            y = y.unflatten(-1, groups) * (1 - scale) + value.unflatten(-1, groups) * scale
+            y = y.flatten(-2)
+        return self.output_proj(y)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``: without the compiled extension core_op 'DCNv3'
+        scripts to the reference, with the one-time warning of the eager fallback."""
+        if self.core_op == "DCNv3" and not _ops.extension_available():
+            _ops._warn_fallback(torch.device("cpu"))
+        return self
 
 
 # Original-module key -> this module's key (keys relative to the DCNv3 module).

@@ -20,8 +20,9 @@ stage activations are contiguous NHWC, so every Linear runs without a permute an
 ``permute`` between the two is a free view. ``forward_features`` returns the NCHW final map.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies the root ``forward``'s
+# annotations into the code it generates, and TorchScript cannot resolve them as strings
+# (timm's scripted FX feature extractor).
 import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -161,6 +162,8 @@ class InternImageMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., dim)`` -> ``(..., dim)``."""
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
         if self.fuse_gelu:
             x = cpu_inference.linear(x, self.fc1, gelu=True)
         else:
@@ -168,6 +171,16 @@ class InternImageMlp(nn.Module):
         if self.drop is not None:
             x = self.drop(x)
         x = cpu_inference.linear(x, self.fc2)
+        if self.drop is not None:
+            x = self.drop(x)
+        return x
+
+    def _forward_scripted(self, x: Tensor) -> Tensor:
+        """:meth:`forward` through the plain modules (the fused CPU kernels are eager-only)."""
+        x = self.act(self.fc1(x))
+        if self.drop is not None:
+            x = self.drop(x)
+        x = self.fc2(x)
         if self.drop is not None:
             x = self.drop(x)
         return x
@@ -187,6 +200,9 @@ class InternImageBlock(nn.Module):
 
     and the same pattern for the MLP with ``norm2`` / ``gamma2`` / ``res_post_norm2``.
     """
+
+    # A TorchScript constant: the scripted block then holds only its own mode's branch.
+    __constants__ = ["mode"]
 
     def __init__(
         self,
@@ -248,11 +264,16 @@ class InternImageBlock(nn.Module):
             return self.dcn(self.norm1(x))
         if mode == "post_norm":
             return self.norm1(self.dcn(x))
-        if mode == "res_post_norm":
+        # The remaining modes are told apart by which of gamma1 / res_post_norm1 exist: the
+        # `is not None` tests are constants for TorchScript, which skips the missing branch.
+        gamma1 = self.gamma1
+        if gamma1 is not None:
+            if mode == "ls_post_norm":
+                return gamma1 * self.norm1(self.dcn(x))
+            return gamma1 * self.dcn(self.norm1(x))  # ls_pre_norm
+        if self.res_post_norm1 is not None:  # res_post_norm
             return self.res_post_norm1(self.dcn(self.norm1(x)))
-        if mode == "ls_post_norm":
-            return self.gamma1 * self.norm1(self.dcn(x))
-        return self.gamma1 * self.dcn(self.norm1(x))  # ls_pre_norm
+        raise RuntimeError("InternImageBlock: unknown mode " + mode)
 
     def _ffn(self, x: Tensor) -> Tensor:
         mode = self.mode
@@ -260,11 +281,14 @@ class InternImageBlock(nn.Module):
             return self.mlp(self.norm2(x))
         if mode == "post_norm":
             return self.norm2(self.mlp(x))
-        if mode == "res_post_norm":
+        gamma2 = self.gamma2  # as in _mixer
+        if gamma2 is not None:
+            if mode == "ls_post_norm":
+                return gamma2 * self.norm2(self.mlp(x))
+            return gamma2 * self.mlp(self.norm2(x))  # ls_pre_norm
+        if self.res_post_norm2 is not None:  # res_post_norm
             return self.res_post_norm2(self.mlp(self.norm2(x)))
-        if mode == "ls_post_norm":
-            return self.gamma2 * self.norm2(self.mlp(x))
-        return self.gamma2 * self.mlp(self.norm2(x))  # ls_pre_norm
+        raise RuntimeError("InternImageBlock: unknown mode " + mode)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, H, W, C)`` -> ``(N, H, W, C)``."""
@@ -332,18 +356,35 @@ class InternImageStage(nn.Module):
             x = self.downsample(x)
         else:
             x = x.permute(0, 2, 3, 1)
-        use_checkpoint = (
-            self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-        )
-        if not self.post_norm_block_ids and not use_checkpoint:
-            x = self.blocks(x)
+        if torch.jit.is_scripting():
+            x = self._blocks_scripted(x)
         else:
-            for i, block in enumerate(self.blocks):
-                x = checkpoint(block, x) if use_checkpoint else block(x)
-                if i in self.post_norm_block_ids:
-                    x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+            use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+            if not self.post_norm_block_ids and not use_checkpoint:
+                x = self.blocks(x)
+            else:
+                for i, block in enumerate(self.blocks):
+                    x = checkpoint(block, x) if use_checkpoint else block(x)
+                    if i in self.post_norm_block_ids:
+                        x = self.post_norms[self.post_norm_block_ids.index(i)](x)
         x = self.norm(x)
         return x.permute(0, 3, 1, 2)
+
+    def _blocks_scripted(self, x: Tensor) -> Tensor:
+        """The blocks and post norms as TorchScript runs them: no gradient checkpointing, and
+        the post norm is found by a loop (TorchScript indexes a ModuleList by constants only)."""
+        post_norms = self.post_norms
+        if post_norms is None:
+            return self.blocks(x)
+        ids = self.post_norm_block_ids
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in ids:
+                k = ids.index(i)
+                for j, norm in enumerate(post_norms):
+                    if j == k:
+                        x = norm(x)
+        return x
 
 
 class ConvClassifierHead(nn.Module):
@@ -436,8 +477,8 @@ class ClipFusion(nn.Module):
         if up.shape[-2:] != x3.shape[-2:]:
             raise ValueError(
                 "InternImage clip head: the upsampled stage-4 map must match the stage-3 map, "
-                f"got {tuple(up.shape[-2:])} and {tuple(x3.shape[-2:])}; use input sides "
-                "divisible by 32"
+                f"got ({up.shape[-2]}, {up.shape[-1]}) and ({x3.shape[-2]}, {x3.shape[-1]}); "
+                "use input sides divisible by 32"
             )
         return up + self.proj_x3(x3)
 
@@ -555,7 +596,9 @@ class ClipClassifierHead(nn.Module):
         self.train(self.training)  # new modules follow the head's train/eval mode
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.pool_type == "attn":
+        # 'attn' implies an attention pool; testing for it first lets TorchScript skip the
+        # branch once reset(reset_other=True) has removed the pool
+        if self.attn_pool is not None and self.pool_type == "attn":
             x = self.norm(self.attn_pool(x.flatten(2).transpose(1, 2)))
         elif self.pool_type != "":
             x = self.norm(self.global_pool(x))

@@ -281,6 +281,34 @@ def dcnv3_reference(
         input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
         offset_scale, remove_center,
     )
+    return _reference_sampling(
+        input, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w, group,
+        group_channels, points, offset_scale, remove_center,
+    )
+
+
+def _reference_sampling(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    kh: int,
+    kw: int,
+    sh: int,
+    sw: int,
+    ph: int,
+    pw: int,
+    dh: int,
+    dw: int,
+    out_h: int,
+    out_w: int,
+    group: int,
+    group_channels: int,
+    points: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> Tensor:
+    """The computation of :func:`dcnv3_reference` on checked arguments (also compiled by
+    TorchScript, through :func:`_dcnv3_reference_scripted`)."""
     n, height, width, _ = input.shape
     dtype, device = input.dtype, input.device
     half_h, half_w = dh * (kh - 1) // 2, dw * (kw - 1) // 2
@@ -323,6 +351,63 @@ def dcnv3_reference(
     output = (sampled * weights.unsqueeze(2)).sum(dim=-1)  # (N, G, gc, H_out, W_out)
     output = output.permute(0, 3, 4, 1, 2).reshape(n, out_h, out_w, group * group_channels)
     return output.contiguous()  # same layout as the compiled op's output
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript entry points, called by the scripted DCNv3 module (internimage.dcnv3): argument
+# checks are left to the op / the module, whose geometry is valid by construction.
+
+
+def _dcnv3_reference_scripted(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> Tensor:
+    """:func:`dcnv3_reference` for TorchScript, with the op's argument types (``(h, w)`` lists)
+    and without the Python argument checks."""
+    kh, kw = kernel_size[0], kernel_size[1]
+    out_h = _output_size(input.shape[1], kh, stride[0], padding[0], dilation[0])
+    out_w = _output_size(input.shape[2], kw, stride[1], padding[1], dilation[1])
+    return _reference_sampling(
+        input, offset, mask, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0],
+        dilation[1], out_h, out_w, group, group_channels, kh * kw - int(remove_center),
+        offset_scale, remove_center,
+    )
+
+
+if _EXTENSION_ERROR is None:
+
+    def _dcnv3_scripted(
+        input: Tensor,
+        offset: Tensor,
+        mask: Tensor,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: bool,
+    ) -> Tensor:
+        """``torch.ops.internimage.dcnv3`` for TorchScript (the scripted code calls the op)."""
+        return torch.ops.internimage.dcnv3(
+            input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
+            offset_scale, remove_center,
+        )
+
+else:
+    # Without the extension the op does not exist for TorchScript to resolve; like dcnv3,
+    # fall back to the reference (torch.jit.script of a DCNv3 module warns once).
+    _dcnv3_scripted = _dcnv3_reference_scripted
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
 """Deployment paths other than torch.compile and ONNX (see test_deploy_compile.py and
-test_deploy_onnx.py): autocast, TorchScript (trace) and deterministic backward on CPU."""
+test_deploy_onnx.py): autocast, TorchScript (trace and script) and deterministic backward on
+CPU."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +155,131 @@ def test_export_torchscript_reference_path(tmp_path):
     x = make_input(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def _script(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.14
+        return torch.jit.script(model)
+
+
+def _node_kinds(graph) -> list[str]:
+    """Kinds of all nodes of a TorchScript graph, those inside if/loop blocks included."""
+    kinds = []
+    for node in graph.nodes():
+        kinds.append(node.kind())
+        for block in node.blocks():
+            kinds.extend(_node_kinds(block))
+    return kinds
+
+
+@pytest.mark.parametrize("core_op", [pytest.param("DCNv3", marks=needs_op), "DCNv3_pytorch"])
+@pytest.mark.parametrize("kind", ["conv", "clip"])
+def test_torchscript_script_matches_eager(tmp_path, kind, core_op):
+    model = make_model(kind, core_op=core_op)
+    scripted = _script(model)
+    # only the module's own core is compiled in: the compiled op, or standard ops only
+    kinds = _node_kinds(scripted.inlined_graph)
+    dcn_modules = 4 if kind == "conv" else 6
+    if core_op == "DCNv3":
+        assert kinds.count("internimage::dcnv3") == dcn_modules
+        assert "aten::grid_sampler" not in kinds
+    else:
+        assert kinds.count("aten::grid_sampler") == dcn_modules
+        assert "internimage::dcnv3" not in kinds
+
+    path = tmp_path / "scripted.pt"
+    scripted.save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(path))
+    for batch, size in ((2, 64), (1, 96)):
+        x = make_input(batch, size, seed=batch + size)
+        with torch.no_grad(), unfused():  # the scripted model runs the plain modules
+            expected = model(x)
+            features = model.forward_features(x)
+            pooled = model.forward_head(features, pre_logits=True)
+            for compiled in (scripted, loaded):
+                assert torch.equal(compiled(x), expected)
+                assert torch.equal(compiled.forward_features(x), features)
+                assert torch.equal(compiled.forward_head(features, pre_logits=True), pooled)
+        with torch.no_grad():  # eager with the fused CPU kernels: equal to float rounding
+            torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("core_op", [pytest.param("DCNv3", marks=needs_op), "DCNv3_pytorch"])
+def test_torchscript_script_backward_matches_eager(core_op):
+    model = make_model("clip", core_op=core_op)
+    scripted = _script(model)
+    x = make_input(2, 64)
+    _assert_identical(forward_backward(model, x), forward_backward(scripted, x))
+
+
+@needs_op
+def test_torchscript_script_batchnorm_and_variants():
+    """BatchNorm (scripted through its own batch-norm code: TorchScript has no super()),
+    layer scale with post-norm, remove_center and gradient checkpointing (ignored by the
+    scripted model) script and match eager, in training mode as well (running statistics)."""
+    kwargs = dict(norm_layer="BN", layer_scale=0.1, post_norm=True, remove_center=True)
+    eager = make_model("conv", **kwargs).train()
+    twin = make_model("conv", **kwargs).train()
+    twin.set_grad_checkpointing(True)
+    scripted = _script(twin)
+    x = make_input(2, 64)
+    for _ in range(2):
+        assert torch.equal(scripted(x), eager(x))
+    for (name, a), b in zip(eager.state_dict().items(), scripted.state_dict().values()):
+        assert torch.equal(a, b), name
+    eager.eval()
+    scripted.eval()
+    with torch.no_grad(), unfused():
+        assert torch.equal(scripted(x), eager(x))
+
+
+@needs_op
+@pytest.mark.parametrize("kind", ["conv", "clip"])
+def test_torchscript_script_after_reset_classifier(kind):
+    x = make_input(1, 64)
+    for args in ((0, ""), (5, "avg", True), (0, "", True)):
+        model = make_model(kind)
+        model.reset_classifier(*args)
+        scripted = _script(model)
+        with torch.no_grad(), unfused():
+            assert torch.equal(scripted(x), model(x)), args
+
+
+def test_torchscript_script_without_extension():
+    """Without the compiled extension both core ops script to the reference, as the eager
+    'DCNv3' module falls back to it (with the fallback warning)."""
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["internimage._C"] = None  # makes `from internimage import _C` fail
+        sys.path.insert(0, "tests")
+        import torch
+        from deploy_utils import make_input, make_model
+        from internimage.cpu_inference import unfused
+        from internimage.ops import extension_available
+        assert not extension_available()
+        x = make_input(1, 64)
+        for core_op in ("DCNv3", "DCNv3_pytorch"):
+            model = make_model("conv", core_op=core_op)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scripted = torch.jit.script(model)
+            fallback = [w for w in caught if "falls back" in str(w.message)]
+            assert len(fallback) == (core_op == "DCNv3"), [str(w.message) for w in caught]
+            graph = str(scripted.inlined_graph)
+            assert "internimage::dcnv3" not in graph and "grid_sampler" in graph
+            with torch.no_grad(), unfused():
+                assert torch.equal(scripted(x), model(x)), core_op
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
 
 
 # ---------------------------------------------------------------------------------------------

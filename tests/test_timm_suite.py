@@ -18,7 +18,8 @@ EXPECTED = {
     "test_model_forward", "test_model_backward", "test_model_default_cfgs",
     "test_model_forward_features", "test_model_forward_intermediates",
     "test_model_forward_intermediates_features", "test_model_forward_fx",
-    "test_model_backward_fx",
+    "test_model_backward_fx", "test_model_forward_torchscript",
+    "test_model_forward_fx_torchscript",
 }
 
 

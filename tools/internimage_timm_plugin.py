@@ -28,10 +28,6 @@ MODELS = tuple(
 
 # test function -> why it is deselected. Delete an entry once the reason is gone.
 DESELECT = {
-    # --- TorchScript: InternImage is not scriptable yet (work in progress; delete these two
-    # entries when torch.jit.script(model) works).
-    "test_model_forward_torchscript": "torch.jit.script: the model is not scriptable yet",
-    "test_model_forward_fx_torchscript": "torch.jit.script: the model is not scriptable yet",
     # --- need the Hugging Face hub (the weights are downloaded); CI has no hub access.
     "test_model_load_pretrained": "downloads pretrained weights from the Hugging Face hub",
     "test_model_features_pretrained": "downloads pretrained weights from the Hugging Face hub",
