@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from internimage import ops as _ops
+
 __all__ = [
     "linear",
     "dwconv_layernorm_gelu",
@@ -94,12 +96,10 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     return F.gelu(x) if gelu else x
 
 
-try:
-    from internimage import _C  # noqa: F401  (registers torch.ops.internimage.*)
-
-    _FUSED_BRANCH = torch.ops.internimage.dwconv_layernorm_gelu.default
-except (ImportError, AttributeError):  # the unfused modules run instead
-    _FUSED_BRANCH = None
+# Without the compiled extension the unfused modules run instead.
+_FUSED_BRANCH = (
+    torch.ops.internimage.dwconv_layernorm_gelu.default if _ops.extension_available() else None
+)
 
 
 if _FUSED_BRANCH is not None:
