@@ -1,6 +1,7 @@
 """InternImage (CVPR 2023) and its DCNv3 operator for PyTorch and timm.
 
-Importing the package registers the timm models ``internimage_t/s/b/l/xl/h/g``. The functional
+Importing the package registers the timm models ``internimage_t/s/b/l/xl/h/g`` and
+``internimage_h_meta`` (H with the iNaturalist metadata head). The functional
 op lives in :mod:`internimage.ops` (``internimage.ops.dcnv3``); ``internimage.dcnv3`` is the
 module file holding the :class:`DCNv3` layer.
 """
@@ -10,8 +11,10 @@ from internimage.dcnv3 import DCNv3
 from internimage.export import export_onnx
 from internimage.internimage import (
     InternImage,
+    MetadataHead,
     checkpoint_filter_fn,
     dcn_offset_param_names,
+    encode_inat_metadata,
     imagenet22k_to_1k_indices,
 )
 
@@ -19,6 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DCNv3",
     "InternImage",
+    "MetadataHead",
+    "encode_inat_metadata",
     "checkpoint_filter_fn",
     "dcn_offset_param_names",
     "imagenet22k_to_1k_indices",

@@ -102,7 +102,7 @@ def run_models(args: argparse.Namespace) -> int:
 def _variant_order(name: str) -> tuple[int, str]:
     order = ["t", "s", "b", "l", "xl", "h", "g"]
     arch = name.split(".")[0]
-    size = arch.rsplit("_", 1)[-1]
+    size = arch.removeprefix("internimage_").removesuffix("_meta")  # h_meta sorts after h
     return (order.index(size) if size in order else len(order), name)
 
 

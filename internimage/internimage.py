@@ -14,6 +14,9 @@ Layout (timm style, see ``checkpoint_filter_fn`` for the mapping from the origin
   stages 3 and 4 into a 1024-channel stride-16 map;
 * ``head``: conv head (1x1 conv -> BN -> act at ``cls_scale`` width) + pool + fc for T/S/B/L/XL,
   or attention pooling (``clip_projector``) + LN + fc for H/G.
+* ``meta_head`` (only with ``meta_dim``, the iNaturalist H): temporal/spatial metadata
+  encoders + LN + fc, whose logits are added to the head's (the original ``meta_head_1/2``,
+  ``meta_norm``, ``meta_head``).
 
 Memory layout: stage inputs and outputs are NCHW tensors with channels_last memory; inside a
 stage activations are contiguous NHWC, so every Linear runs without a permute and each
@@ -23,6 +26,7 @@ stage activations are contiguous NHWC, so every Linear runs without a permute an
 # No ``from __future__ import annotations`` here: torch.fx copies the root ``forward``'s
 # annotations into the code it generates, and TorchScript cannot resolve them as strings
 # (timm's scripted FX feature extractor).
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -68,7 +72,11 @@ __all__ = [
     "ClipFusion",
     "AttentionPool",
     "ClipClassifierHead",
+    "MetadataResidualBlock",
+    "MetadataEncoder",
+    "MetadataHead",
     "checkpoint_filter_fn",
+    "encode_inat_metadata",
     "dcn_offset_param_names",
     "imagenet22k_to_1k_indices",
 ]
@@ -80,9 +88,15 @@ CLIP_OUT_DIM = 768
 CLIP_UPSAMPLE = 2
 
 LN_EPS = 1e-6
+META_LN_EPS = 1e-5  # the metadata encoders' LayerNorms use PyTorch's default eps
 
 IN1K_NUM_CLASSES = 1000
 IN22K_NUM_CLASSES = 21841
+INAT18_NUM_CLASSES = 8142
+
+# Widths of the iNaturalist metadata vectors (see encode_inat_metadata).
+TEMPORAL_FEATURES = 4
+SPATIAL_FEATURES = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,6 +625,248 @@ class ClipClassifierHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# iNaturalist metadata head and encoding
+
+
+class MetadataResidualBlock(nn.Module):
+    """Residual MLP of the metadata encoders (the original ``MetaEncoder``).
+
+    ``(..., dim)`` -> ``(..., dim)``: ``x + norm2(act(fc2(norm1(act(fc1(x))))))`` with ReLU
+    and LayerNorms of eps 1e-5 (PyTorch's default, as in the original).
+    """
+
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(dim, dim, **dd)
+        self.norm1 = nn.LayerNorm(dim, eps=META_LN_EPS, **dd)
+        self.fc2 = nn.Linear(dim, dim, **dd)
+        self.norm2 = nn.LayerNorm(dim, eps=META_LN_EPS, **dd)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.norm1(self.act(self.fc1(x)))
+        return x + self.norm2(self.act(self.fc2(y)))
+
+
+class MetadataEncoder(nn.Module):
+    """One metadata branch: Linear(in_features, dim) -> ReLU -> LN -> residual MLP.
+
+    ``(N, in_features)`` -> ``(N, dim)`` (the original ``meta_head_1`` / ``meta_head_2``; the
+    residual MLP is :class:`MetadataResidualBlock`).
+    """
+
+    def __init__(self, in_features: int, dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.in_features = in_features
+        self.proj = nn.Linear(in_features, dim, **dd)
+        self.act = nn.ReLU()
+        self.norm = nn.LayerNorm(dim, eps=META_LN_EPS, **dd)
+        self.block = MetadataResidualBlock(dim, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(self.norm(self.act(self.proj(x))))
+
+
+class MetadataHead(nn.Module):
+    """Metadata classifier of the original iNaturalist model (``intern_image_meta_former``).
+
+    ``temporal`` ``(N, 4)`` and ``spatial`` ``(N, 3)`` (see :func:`encode_inat_metadata`) are
+    encoded to ``(N, dim)`` each by :class:`MetadataEncoder`; the concatenation ``(N, 2 dim)``
+    goes through LN (eps 1e-6) and ``fc`` to ``(N, num_classes)`` logits, which the model adds
+    to the image logits. With ``num_classes == 0`` ``fc`` is an Identity and the model skips
+    the metadata (``forward`` then returns the normalised ``(N, 2 dim)`` embedding).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int = 64,
+        temporal_features: int = TEMPORAL_FEATURES,
+        spatial_features: int = SPATIAL_FEATURES,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.num_classes = num_classes
+        self.temporal = MetadataEncoder(temporal_features, dim, **dd)
+        self.spatial = MetadataEncoder(spatial_features, dim, **dd)
+        self.norm = nn.LayerNorm(2 * dim, eps=LN_EPS, **dd)
+        self.fc = self._make_fc(num_classes, **dd)
+
+    def _make_fc(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        if num_classes > 0:
+            return nn.Linear(2 * self.dim, num_classes, device=device, dtype=dtype)
+        return nn.Identity()
+
+    def reset(self, num_classes: int) -> None:
+        """New metadata classifier of ``num_classes`` outputs (Identity for 0), initialised
+        like the model's Linears (trunc-normal 0.02 weight, zero bias)."""
+        ref = self.norm.weight
+        self.num_classes = num_classes
+        self.fc = self._make_fc(num_classes, device=ref.device, dtype=ref.dtype)
+        if isinstance(self.fc, nn.Linear):
+            trunc_normal_(self.fc.weight, std=0.02)
+            nn.init.zeros_(self.fc.bias)
+        self.train(self.training)
+
+    def forward(self, temporal: Tensor, spatial: Tensor) -> Tensor:
+        """``(N, 4)``, ``(N, 3)`` -> ``(N, num_classes)`` (``(N, 2 dim)`` without classifier)."""
+        meta = torch.cat([self.temporal(temporal), self.spatial(spatial)], dim=-1)
+        return self.fc(self.norm(meta))
+
+
+# The metadata helpers are fx leaves, so that their None tests and shape checks run when an fx
+# graph is called (torch.fx.wrap: the autowrap behind timm's register_notrace_function skips
+# names starting with '_').
+@torch.fx.wrap
+def _reject_metadata(temporal: Tensor | None, spatial: Tensor | None) -> None:
+    """Metadata given to a model built without ``meta_dim``: ValueError."""
+    if temporal is not None:
+        raise ValueError(
+            "temporal must be None for a model without a metadata head (build it with "
+            f"meta_dim, e.g. internimage_h_meta), got a tensor of shape {list(temporal.shape)}"
+        )
+    if spatial is not None:
+        raise ValueError(
+            "spatial must be None for a model without a metadata head (build it with "
+            f"meta_dim, e.g. internimage_h_meta), got a tensor of shape {list(spatial.shape)}"
+        )
+
+
+@torch.fx.wrap
+def _metadata_or_zeros(
+    value: Tensor | None, name: str, features: int, batch: Tensor, weight: Tensor
+) -> Tensor:
+    """``value`` checked to be ``(N, features)`` with ``N = batch.shape[0]`` and cast to
+    ``weight``'s dtype, or zeros of that shape (the original's input for missing metadata)."""
+    n = batch.shape[0]
+    if value is None:
+        return torch.zeros((n, features), dtype=weight.dtype, device=weight.device)
+    if value.dim() != 2 or value.shape[0] != n or value.shape[1] != features:
+        raise ValueError(
+            f"{name} must have shape (N, {features}) = ({n}, {features}) for a batch of {n} "
+            f"images, got {list(value.shape)}"
+        )
+    return value.to(weight.dtype)
+
+
+@torch.fx.wrap
+def _add_metadata_logits(logits: Tensor, meta: Tensor) -> Tensor:
+    """Image logits ``(N, K)`` or per-pixel ``(N, K, H, W)`` plus metadata logits ``(N, K)``."""
+    if logits.dim() == 4:
+        return logits + meta[:, :, None, None]
+    return logits + meta
+
+
+def _metadata_values(name: str, value: Any, low: float, high: float) -> Tensor | None:
+    """``value`` as a float64 tensor of 0 or 1 dims (NaN for missing entries), or None."""
+    if value is None:
+        return None
+    kinds = "a number, a sequence, an array or a tensor"
+    if isinstance(value, Tensor):
+        values = value.detach().to("cpu", torch.float64)
+    elif isinstance(value, bool | str):
+        raise TypeError(f"{name} must be {kinds}, got {value!r}")
+    elif isinstance(value, numbers.Real):
+        values = torch.tensor(float(value), dtype=torch.float64)
+    elif isinstance(value, Sequence):
+        bad = [v for v in value if v is not None and (
+            isinstance(v, bool) or not isinstance(v, numbers.Real))]
+        if bad:
+            raise TypeError(f"{name} entries must be numbers or None, got {bad[0]!r}")
+        values = torch.tensor([float("nan") if v is None else float(v) for v in value],
+                              dtype=torch.float64)
+    elif hasattr(value, "__array__"):  # numpy arrays and scalars
+        try:
+            values = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} must be numeric, got an array of {value.dtype}") from error
+    else:
+        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+    if values.dim() > 1:
+        raise ValueError(f"{name} must be a scalar or 1-D, got shape {list(values.shape)}")
+    known = values[~values.isnan()]
+    if known.numel() and (known.min() < low or known.max() > high):
+        raise ValueError(
+            f"{name} must lie in [{low:g}, {high:g}] (None/NaN for missing), got values in "
+            f"[{known.min().item():g}, {known.max().item():g}]"
+        )
+    return values
+
+
+def encode_inat_metadata(
+    month: Any = None,
+    hour: Any = None,
+    latitude: Any = None,
+    longitude: Any = None,
+    *,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """iNaturalist metadata vectors for :class:`MetadataHead`: ``(temporal, spatial)``.
+
+    * ``temporal`` ``(N, 4)``: ``[sin(2 pi month / 12), cos(2 pi month / 12),
+      sin(2 pi hour / 24), cos(2 pi hour / 24)]``, month 1..12, hour of the day 0..24
+      (fractions allowed; 24 is 0); a missing month or hour gives zeros in its two columns;
+    * ``spatial`` ``(N, 3)``: ``[cos(lat) cos(lon), cos(lat) sin(lon), sin(lat)]``, the unit
+      vector of the position on the sphere, from ``latitude`` in [-90, 90] and ``longitude``
+      in [-180, 180] **degrees**; zeros when either is missing.
+
+    This is the MetaFormer encoding (``get_temporal_info`` / ``get_spatial_info`` of
+    dqshuai/MetaFormer's iNaturalist dataset, which feeds ``[temporal, spatial]`` split 4 + 3
+    to the same kind of metadata head), zeros standing for missing metadata. The InternImage
+    repository publishes the iNat18 model and config but no iNat data pipeline, so that it
+    used exactly this encoding is inferred, not verified. One difference: MetaFormer also
+    treats a latitude or longitude of exactly 0 as missing (a truthiness test); here only
+    None / NaN are missing.
+
+    Each argument is None (missing for all), a number (the same for every sample), or a
+    sequence / 1-D tensor of length N with None or NaN for missing entries. N is the common
+    length of the 1-D arguments, else ``batch_size`` (default 1). Returns ``dtype`` tensors
+    on ``device``. ValueError for values out of range or lengths that disagree; TypeError
+    for non-numeric values.
+    """
+    values = {
+        "month": _metadata_values("month", month, 1, 12),
+        "hour": _metadata_values("hour", hour, 0, 24),
+        "latitude": _metadata_values("latitude", latitude, -90, 90),
+        "longitude": _metadata_values("longitude", longitude, -180, 180),
+    }
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+    lengths = {k: v.shape[0] for k, v in values.items() if v is not None and v.dim() == 1}
+    sizes = set(lengths.values()) | ({batch_size} if batch_size is not None else set())
+    if len(sizes) > 1:
+        raise ValueError(
+            "month, hour, latitude and longitude must have the same length (and match "
+            f"batch_size={batch_size}), got lengths {lengths}"
+        )
+    n = sizes.pop() if sizes else 1
+    nan = torch.full((n,), float("nan"), dtype=torch.float64)
+    month_v, hour_v, lat_v, lon_v = (
+        nan if v is None else v.expand(n) for v in values.values()
+    )
+
+    def circle(v: Tensor, period: float) -> Tensor:
+        angle = (2 * torch.pi / period) * v
+        pair = torch.stack([angle.sin(), angle.cos()], dim=-1)
+        return pair.masked_fill(v.isnan()[:, None], 0.0)
+
+    temporal = torch.cat([circle(month_v, 12.0), circle(hour_v, 24.0)], dim=-1)
+    lat, lon = torch.deg2rad(lat_v), torch.deg2rad(lon_v)
+    spatial = torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1)
+    spatial = spatial.masked_fill((lat_v.isnan() | lon_v.isnan())[:, None], 0.0)
+    return temporal.to(device=device, dtype=dtype), spatial.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # Model
 
 
@@ -635,7 +891,9 @@ class InternImage(nn.Module):
     'uniform'), ``act_layer``, ``norm_layer``, ``layer_scale``, ``offset_scale``,
     ``post_norm``, ``cls_scale``, ``with_cp`` (gradient checkpointing), ``dw_kernel_size``,
     ``use_clip_projector``, ``level2_post_norm``, ``level2_post_norm_block_ids``,
-    ``res_post_norm``, ``center_feature_scale``, ``remove_center``.
+    ``res_post_norm``, ``center_feature_scale``, ``remove_center``, and ``meta_dim`` of the
+    original's iNaturalist model type (``intern_image_meta_former``): None (default) builds no
+    metadata head; an int builds :class:`MetadataHead` of that width (64 in the original).
 
     timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
     the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
@@ -647,6 +905,11 @@ class InternImage(nn.Module):
     ``(N, 1024, H/16, W/16)`` map (clip head, ``num_features = 1024``).
     ``forward_head(pre_logits=True)`` gives the original ``forward_features`` vector
     (width ``head_hidden_size``: ``int(8C * cls_scale)`` or 768).
+
+    With a metadata head, ``forward(x, temporal, spatial)`` returns image logits plus metadata
+    logits; ``temporal`` ``(N, 4)`` and ``spatial`` ``(N, 3)`` are optional (missing ones are
+    zeros, the original's encoding of missing metadata; :func:`encode_inat_metadata` builds
+    them). A model without one raises ValueError when metadata is given.
     """
 
     def __init__(
@@ -674,6 +937,7 @@ class InternImage(nn.Module):
         res_post_norm: bool = False,
         center_feature_scale: bool = False,
         remove_center: bool = False,
+        meta_dim: int | None = None,
         in_chans: int = 3,
         global_pool: str | None = None,
         head_drop_rate: float = 0.0,
@@ -695,6 +959,10 @@ class InternImage(nn.Module):
             raise ValueError(
                 f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}"
             )
+        if meta_dim is not None and (
+            isinstance(meta_dim, bool) or not isinstance(meta_dim, int) or meta_dim < 1
+        ):
+            raise ValueError(f"meta_dim must be None or an int >= 1, got {meta_dim!r}")
         check_norm_layer(norm_layer)
         get_act_layer(act_layer)
         if use_clip_projector:
@@ -713,6 +981,7 @@ class InternImage(nn.Module):
         self.channels = channels
         self.depths = depths
         self.use_clip_projector = use_clip_projector
+        self.meta_dim = meta_dim
         self.level2_post_norm_block_ids = (
             list(level2_post_norm_block_ids) if level2_post_norm_block_ids is not None else None
         )
@@ -768,6 +1037,9 @@ class InternImage(nn.Module):
                 drop_rate=head_drop_rate, act_layer=act_layer, **dd,
             )
         self.head_hidden_size = self.head.num_features
+        self.meta_head: MetadataHead | None = (
+            MetadataHead(num_classes, meta_dim, **dd) if meta_dim is not None else None
+        )
 
         self.apply(self._init_weights)
         for module in self.modules():
@@ -794,7 +1066,8 @@ class InternImage(nn.Module):
         """Parameter groups for layer-wise LR decay: the stem, then each block in order.
 
         A stage's downsample joins its first block; the level norm and the level-2 post norm
-        after block ``b`` join block ``b``; the fusion/heads are unmatched (last group).
+        after block ``b`` join block ``b``; the fusion/heads, the metadata head included, are
+        unmatched (last group).
         """
         if coarse:
             return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
@@ -819,7 +1092,8 @@ class InternImage(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Name patterns without weight decay (all 1-D as well, which timm excludes anyway)."""
+        """Name patterns without weight decay (all 1-D as well, which timm excludes anyway;
+        the metadata head's Linear weights are decayed like every other Linear)."""
         return {"*.gamma1", "*.gamma2", "*center_feature_scale_proj_bias", "*.q_bias",
                 "*.k_bias", "*.v_bias"}
 
@@ -837,10 +1111,15 @@ class InternImage(nn.Module):
         self, num_classes: int, global_pool: str | None = None, reset_other: bool = False
     ) -> None:
         """Replace the classifier; ``global_pool=''`` keeps the 4-D map, ``reset_other``
-        removes the conv head (T..XL) or the attention pool and its norm (H/G)."""
+        removes the conv head (T..XL) or the attention pool and its norm (H/G).
+
+        A metadata head gets a new ``num_classes`` classifier too; with ``num_classes == 0``
+        it has none and ``forward`` returns the image features only (metadata is ignored)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other=reset_other)
         self.head_hidden_size = self.head.num_features
+        if self.meta_head is not None:
+            self.meta_head.reset(num_classes)
 
     def forward_intermediates(
         self,
@@ -908,11 +1187,43 @@ class InternImage(nn.Module):
                 x3 = x
         return self.fuse(x3, x)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.head(x, pre_logits=pre_logits)
+    def forward_head(
+        self,
+        x: Tensor,
+        pre_logits: bool = False,
+        temporal: Tensor | None = None,
+        spatial: Tensor | None = None,
+    ) -> Tensor:
+        """``forward_features`` map -> logits ``(N, num_classes)`` (or what the head returns,
+        see the class docstring); ``pre_logits``: the pooled vector ``(N, head_hidden_size)``.
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        ``temporal`` ``(N, 4)`` / ``spatial`` ``(N, 3)``: metadata for a model with a metadata
+        head (zeros when None); its logits are added to the image logits (broadcast over a 4-D
+        per-pixel output). Ignored, once shape-checked, with ``pre_logits`` or when the
+        model has no classifier (``num_classes == 0``). ValueError for a wrong shape, or for
+        metadata given to a model without a metadata head.
+        """
+        meta_head = self.meta_head
+        if meta_head is None:
+            # checked first: the head's output stays the last node of fx graphs (timm's fx
+            # tests and feature extractors take the last node as the output)
+            _reject_metadata(temporal, spatial)
+            return self.head(x, pre_logits=pre_logits)
+        temporal = _metadata_or_zeros(temporal, "temporal", meta_head.temporal.in_features, x,
+                                      meta_head.temporal.proj.weight)
+        spatial = _metadata_or_zeros(spatial, "spatial", meta_head.spatial.in_features, x,
+                                     meta_head.spatial.proj.weight)
+        out = self.head(x, pre_logits=pre_logits)
+        if pre_logits or meta_head.num_classes == 0:
+            return out
+        return _add_metadata_logits(out, meta_head(temporal, spatial))
+
+    def forward(
+        self, x: Tensor, temporal: Tensor | None = None, spatial: Tensor | None = None
+    ) -> Tensor:
+        """``(N, in_chans, H, W)`` images (and optional metadata, see :meth:`forward_head`)
+        -> logits."""
+        return self.forward_head(self.forward_features(x), temporal=temporal, spatial=spatial)
 
 
 def dcn_offset_param_names(model: nn.Module) -> list[str]:
@@ -927,6 +1238,7 @@ def dcn_offset_param_names(model: nn.Module) -> list[str]:
 # Checkpoint filter
 
 # Original / transformers-port key -> this layout. Applied in order, first match wins.
+_META_BRANCH = {"1": "temporal", "2": "spatial"}
 _KEY_RULES: tuple[tuple[re.Pattern, Any], ...] = tuple((re.compile(p), r) for p, r in (
     (r"^patch_embed\.conv([12])\.", r"stem.conv\1."),
     (r"^patch_embed\.norm([12])\.[01]\.", r"stem.norm\1."),
@@ -952,9 +1264,17 @@ _KEY_RULES: tuple[tuple[re.Pattern, Any], ...] = tuple((re.compile(p), r) for p,
     (r"^clip_projector\.cross_dcn\.", "head.attn_pool."),
     (r"^fc_norm\.0\.", "head.norm."),
     (r"^head\.(weight|bias)$", r"head.fc.\1"),
+    # iNaturalist meta-former: meta_head_1/2 = Sequential(Linear, ReLU, LN, MetaEncoder)
+    (r"^meta_head_([12])\.0\.", lambda m: f"meta_head.{_META_BRANCH[m.group(1)]}.proj."),
+    (r"^meta_head_([12])\.2\.", lambda m: f"meta_head.{_META_BRANCH[m.group(1)]}.norm."),
+    (r"^meta_head_([12])\.3\.(w|norm_fn)([12])\.",
+     lambda m: f"meta_head.{_META_BRANCH[m.group(1)]}.block."
+               f"{'fc' if m.group(2) == 'w' else 'norm'}{m.group(3)}."),
+    (r"^meta_norm\.", "meta_head.norm."),
+    (r"^meta_head\.(weight|bias)$", r"meta_head.fc.\1"),
 ))
 _ORIGINAL_ROOTS = ("patch_embed.", "levels.", "conv_head.", "head.", "dcnv3_head_x4.",
-                   "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
+                   "dcnv3_head_x3.", "clip_projector.", "fc_norm.", "meta_head", "meta_norm.")
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "student.")
 
@@ -1162,6 +1482,11 @@ default_cfgs = generate_default_cfgs({
     "internimage_h.in22k_384": _hub(
         "internimage_h_jointto22k_384.pth", 384, stride=16,
         notes=("joint (public + private) pre-training, then ImageNet-22k",), **_IN22K),
+    "internimage_h_meta.inat18_384": _hub(
+        "internimage_h_22ktoinat18_384.pth", 384, stride=16, num_classes=INAT18_NUM_CLASSES,
+        classifier=("head.fc", "meta_head.fc"),
+        notes=("iNaturalist 2018 (from ImageNet-22k); takes optional metadata: "
+               "model(x, temporal, spatial), see internimage.encode_inat_metadata",)),
     "internimage_g.in22k_ft_in1k_512": _hub("internimage_g_22kto1k_512.pth", 512, stride=16),
     "internimage_g.in22k_384": _hub(
         "internimage_g_pretrainto22k_384.pth", 384, stride=16,
@@ -1189,6 +1514,10 @@ _VARIANTS: dict[str, dict[str, Any]] = {
               level2_post_norm_block_ids=[5, 11, 17, 23, 29, 35, 41, 47],
               center_feature_scale=True, use_clip_projector=True),
 }
+
+
+# H with the iNaturalist metadata head (the original's intern_image_meta_former)
+_VARIANTS["h_meta"] = dict(_VARIANTS["h"], meta_dim=64)
 
 
 def _variant(name: str, pretrained: bool, kwargs: dict[str, Any]) -> InternImage:
@@ -1231,6 +1560,13 @@ def internimage_xl(pretrained: bool = False, **kwargs: Any) -> InternImage:
 def internimage_h(pretrained: bool = False, **kwargs: Any) -> InternImage:
     """InternImage-H (1.08B): C 320, depths 6-6-32-6, gc 32, clip-projector head."""
     return _variant("h", pretrained, kwargs)
+
+
+@register_model
+def internimage_h_meta(pretrained: bool = False, **kwargs: Any) -> InternImage:
+    """InternImage-H with the iNaturalist metadata head (meta_dim 64; the original's
+    ``intern_image_meta_former``): ``model(x, temporal, spatial)``, metadata optional."""
+    return _variant("h_meta", pretrained, kwargs)
 
 
 @register_model

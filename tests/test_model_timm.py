@@ -22,8 +22,9 @@ TINY_CLIP = dict(TINY, depths=[1, 1, 3, 1], dw_kernel_size=5, level2_post_norm=T
                  center_feature_scale=True, use_clip_projector=True)
 CONFIGS = {"conv": TINY, "clip": TINY_CLIP}
 VARIANTS = ["t", "s", "b", "l", "xl", "h", "g"]
-# Every released classification checkpoint (original-internimage.md 5.1, iNat18 excluded:
-# it needs the meta-former model type).
+# Architectures beyond the variants: H with the iNaturalist metadata head (tests/test_meta_head.py)
+EXTRA_ARCHS = ["h_meta"]
+# Every released classification checkpoint (original-internimage.md 5.1).
 RELEASED = {
     "internimage_t.in1k": ("internimage_t_1k_224.pth", 1000, 224),
     "internimage_s.in1k": ("internimage_s_1k_224.pth", 1000, 224),
@@ -36,6 +37,7 @@ RELEASED = {
     "internimage_xl.in22k_384": ("internimage_xl_22k_192to384.pth", 21841, 384),
     "internimage_h.in22k_384": ("internimage_h_jointto22k_384.pth", 21841, 384),
     "internimage_g.in22k_384": ("internimage_g_pretrainto22k_384.pth", 21841, 384),
+    "internimage_h_meta.inat18_384": ("internimage_h_22ktoinat18_384.pth", 8142, 384),
 }
 
 
@@ -48,7 +50,8 @@ def tiny(kind: str = "conv", **kwargs) -> InternImage:
 
 
 def test_registered_models() -> None:
-    assert timm.list_models("internimage*") == sorted(f"internimage_{v}" for v in VARIANTS)
+    assert timm.list_models("internimage*") == sorted(
+        f"internimage_{v}" for v in VARIANTS + EXTRA_ARCHS)
     assert sorted(timm.list_models(module="internimage")) == timm.list_models("internimage*")
     assert sorted(timm.list_models("internimage*", pretrained=True)) == sorted(RELEASED)
 
@@ -68,7 +71,9 @@ def test_pretrained_cfgs(tag: str) -> None:
     assert cfg["mean"] == IMAGENET_DEFAULT_MEAN and cfg["std"] == IMAGENET_DEFAULT_STD
     assert cfg["license"] == "mit"
     assert cfg["paper_ids"] == "arXiv:2211.05778"
-    assert cfg["first_conv"] == "stem.conv1" and cfg["classifier"] == "head.fc"
+    # the metadata model has two classifiers: timm replaces both for another num_classes
+    classifier = ("head.fc", "meta_head.fc") if "_meta." in tag else "head.fc"
+    assert cfg["first_conv"] == "stem.conv1" and cfg["classifier"] == classifier
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -311,6 +316,9 @@ def test_data_config_and_transform() -> None:
 
 def test_torch_compile_fullgraph_forward_backward_inductor() -> None:
     # One level (stem, one block, conv head) keeps inductor's C++ build to ~20 s on 2 cores.
+    # A fresh dynamo: after other tests' compiles PyTorch would make the shapes dynamic, and
+    # Inductor's dynamic backward hits pytorch/pytorch#185510 (see docs/deploy.md).
+    torch._dynamo.reset()
     model = tiny(depths=[1], groups=[1])
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     expected = model(x)
