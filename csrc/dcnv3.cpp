@@ -39,13 +39,14 @@ Dcnv3Geometry check_dcnv3_args(const at::Tensor& input, const at::Tensor& offset
                                const at::Tensor& mask, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t group, int64_t group_channels,
-                               double offset_scale, bool remove_center) {
+                               double offset_scale, bool remove_center,
+                               const char* mask_name) {
   TORCH_CHECK(input.dim() == 4, "dcnv3: input must be 4-D (N, H, W, C), got ", input.dim(),
               "-D with shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "dcnv3: input must be a floating-point tensor, got ", input.scalar_type());
   check_tensor(offset, "offset", input);
-  check_tensor(mask, "mask", input);
+  check_tensor(mask, mask_name, input);
   check_pair(kernel_size, "kernel_size", 1);
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);
@@ -94,7 +95,7 @@ Dcnv3Geometry check_dcnv3_args(const at::Tensor& input, const at::Tensor& offset
               ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
   check_shape(offset, "offset", g.batch, g.height_out, g.width_out,
               static_cast<int64_t>(g.group) * g.points * 2);
-  check_shape(mask, "mask", g.batch, g.height_out, g.width_out,
+  check_shape(mask, mask_name, g.batch, g.height_out, g.width_out,
               static_cast<int64_t>(g.group) * g.points);
   return g;
 }
@@ -137,6 +138,12 @@ TORCH_LIBRARY(internimage, m) {
       "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
       "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor, Tensor)");
+  // dcnv3 with `mask` replaced by its logits: the softmax over each group's points is applied
+  // inside the kernel (float32 CPU inference, forward only).
+  m.def(
+      "dcnv3_mask_logits(Tensor input, Tensor offset, Tensor mask_logits, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int group, int group_channels, "
+      "float offset_scale, bool remove_center) -> Tensor");
   // The DCNv3 module's offset branch fused for float32 CPU inference (forward only):
   // GELU(LayerNorm over C(depthwise k x k conv, stride 1, padding k // 2)) of (N, H, W, C).
   m.def(

@@ -8,12 +8,14 @@
 namespace internimage {
 
 // Checks ranks, sizes, dtypes and devices of one call and returns its geometry.
-// Every failure is a TORCH_CHECK that names the argument, the expected and the actual value.
+// Every failure is a TORCH_CHECK that names the argument, the expected and the actual value
+// (`mask_name`: what the caller's schema calls the mask).
 Dcnv3Geometry check_dcnv3_args(const at::Tensor& input, const at::Tensor& offset,
                                const at::Tensor& mask, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t group, int64_t group_channels,
-                               double offset_scale, bool remove_center);
+                               double offset_scale, bool remove_center,
+                               const char* mask_name = "mask");
 
 // Checks that grad_output has the forward output's shape, dtype and device.
 void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,

@@ -15,7 +15,9 @@ to float32 rounding, ~1e-6 relative):
 
 The DCNv3 offset branch ``GELU(LayerNorm(depthwise_conv(x)))`` likewise runs as one pass,
 ``torch.ops.internimage.dwconv_layernorm_gelu`` (:func:`dwconv_layernorm_gelu`), instead of
-three passes and oneDNN's per-call depthwise-convolution setup.
+three passes and oneDNN's per-call depthwise-convolution setup, and the mask softmax runs
+inside the DCNv3 kernel, ``torch.ops.internimage.dcnv3_mask_logits``
+(:func:`dcnv3_mask_logits`), instead of a softmax pass and a transposing copy.
 
 Everything else (training, float64, bfloat16, autocast, CUDA) runs ``F.linear`` + activation.
 """
@@ -34,6 +36,7 @@ from internimage import ops as _ops
 __all__ = [
     "linear",
     "dwconv_layernorm_gelu",
+    "dcnv3_mask_logits",
     "fused_cpu_inference",
     "set_fused_cpu_inference",
     "unfused",
@@ -100,6 +103,9 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
 _FUSED_BRANCH = (
     torch.ops.internimage.dwconv_layernorm_gelu.default if _ops.extension_available() else None
 )
+_MASK_LOGITS_CORE = (
+    torch.ops.internimage.dcnv3_mask_logits.default if _ops.extension_available() else None
+)
 
 
 if _FUSED_BRANCH is not None:
@@ -113,6 +119,20 @@ if _FUSED_BRANCH is not None:
                 f"dwconv_layernorm_gelu: input must be 4-D (N, H, W, C), got {input.dim()}-D"
             )
         return input.new_empty(input.shape)
+
+    @torch.library.register_fake("internimage::dcnv3_mask_logits")
+    def _dcnv3_mask_logits_fake(
+        input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
+        group_channels, offset_scale, remove_center,
+    ):
+        if input.dtype != torch.float32:
+            raise ValueError(
+                f"dcnv3_mask_logits: input must be float32, got {input.dtype}"
+            )
+        return torch.ops.internimage.dcnv3.default(
+            input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
+            group_channels, offset_scale, remove_center,
+        )
 
 
 def dwconv_layernorm_gelu(
@@ -133,3 +153,19 @@ def dwconv_layernorm_gelu(
     ):
         return None
     return _FUSED_BRANCH(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
+
+
+def dcnv3_mask_logits(value: Tensor, x1: Tensor, dcn: nn.Module) -> Tensor | None:
+    """The core of DCNv3 module ``dcn`` with its offset and mask projections: the offsets
+    ``dcn.offset(x1)`` and the mask logits ``dcn.mask(x1)`` ``(N, H, W, G*P)`` go straight into
+    ``torch.ops.internimage.dcnv3_mask_logits``, which applies the softmax over each group's P
+    points itself. ``value`` and ``x1`` are NHWC ``(N, H, W, C)``. None when the fused kernel
+    does not apply (see the module docstring)."""
+    if torch.jit.is_scripting() or _MASK_LOGITS_CORE is None or not fused_cpu_inference(value):
+        return None
+    k, s, p, d = dcn.kernel_size, dcn.stride, dcn.pad, dcn.dilation
+    return _MASK_LOGITS_CORE(
+        value, _onednn_linear(x1, dcn.offset, "none"), _onednn_linear(x1, dcn.mask, "none"),
+        [k, k], [s, s], [p, p], [d, d], dcn.group, dcn.group_channels, dcn.offset_scale,
+        dcn.remove_center,
+    )

@@ -418,8 +418,11 @@ class DCNv3(nn.Module):
             return self._forward_scripted(x)
         value = cpu_inference.linear(x, self.input_proj)
         x1 = self.offset_branch(x)
-        offset, mask = self.offset_and_mask(x1, value.dtype)
-        y = self.core(value, offset, mask)
+        # float32 CPU inference: offsets, mask softmax and core in one call (cpu_inference)
+        y = cpu_inference.dcnv3_mask_logits(value, x1, self) if self.core_op == "DCNv3" else None
+        if y is None:
+            offset, mask = self.offset_and_mask(x1, value.dtype)
+            y = self.core(value, offset, mask)
         if self.center_feature_scale_proj_weight is not None:
             scale = torch.sigmoid(
                 F.linear(x1, self.center_feature_scale_proj_weight,

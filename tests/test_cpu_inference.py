@@ -1,6 +1,6 @@
 """The fused float32 CPU inference kernels (internimage.cpu_inference): same results as the
-unfused modules, taken only where they cannot change behaviour, and the fused offset-branch op
-(checks, opcheck, accuracy of its GELU)."""
+unfused modules, taken only where they cannot change behaviour, the fused offset-branch op
+(checks, opcheck, accuracy of its GELU) and the DCNv3 op taking mask logits (softmax inside)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,20 @@ from torch import nn
 from internimage import DCNv3, InternImage, cpu_inference
 
 OP = torch.ops.internimage.dwconv_layernorm_gelu
+MASK_LOGITS_OP = torch.ops.internimage.dcnv3_mask_logits
 
 
 @pytest.fixture
 def calls(monkeypatch) -> dict[str, int]:
     """Counts the fused kernels' calls."""
-    counts = {"linear": 0, "branch": 0}
+    counts = {"linear": 0, "branch": 0, "core": 0}
     onednn = cpu_inference._ONEDNN_LINEAR
     branch_op = cpu_inference._FUSED_BRANCH
+    core_op = cpu_inference._MASK_LOGITS_CORE
+
+    def counting_core(*args):
+        counts["core"] += 1
+        return core_op(*args)
 
     def counting_branch(*args):
         counts["branch"] += 1
@@ -33,6 +39,7 @@ def calls(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(cpu_inference, "_ONEDNN_LINEAR", counting_linear)
     monkeypatch.setattr(cpu_inference, "_FUSED_BRANCH", counting_branch)
+    monkeypatch.setattr(cpu_inference, "_MASK_LOGITS_CORE", counting_core)
     return counts
 
 
@@ -128,10 +135,10 @@ def test_model_fused_matches_unfused(calls) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fused = model(x)
-        assert calls["linear"] > 0 and calls["branch"] == 5  # one per block
+        assert calls["linear"] > 0 and calls["branch"] == calls["core"] == 5  # one per block
         with cpu_inference.unfused():
             unfused = model(x)
-        assert calls["branch"] == 5
+        assert calls["branch"] == calls["core"] == 5
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
 
 
@@ -146,20 +153,93 @@ def test_fused_kernels_not_taken(calls, context) -> None:
     model = small_model()
     with context():
         model(torch.randn(1, 3, 64, 64))
-    assert calls == {"linear": 0, "branch": 0}
+    assert calls == {"linear": 0, "branch": 0, "core": 0}
 
 
 def test_fused_kernels_not_taken_for_float64_or_compile(calls) -> None:
     model = small_model()
     with torch.no_grad():
         model.double()(torch.randn(1, 3, 64, 64, dtype=torch.float64))
-        assert calls == {"linear": 0, "branch": 0}
+        assert calls == {"linear": 0, "branch": 0, "core": 0}
         model.float()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         compiled(torch.randn(1, 3, 64, 64))
-    assert calls == {"linear": 0, "branch": 0}
+    assert calls == {"linear": 0, "branch": 0, "core": 0}
 
 
 def test_set_fused_cpu_inference_checks_type() -> None:
     with pytest.raises(TypeError, match="enabled must be a bool"):
         cpu_inference.set_fused_cpu_inference(1)
+
+
+def group_softmax(logits: torch.Tensor, group: int) -> torch.Tensor:
+    """The DCNv3 module's mask: softmax over each group's points, ``(N, H, W, G * P)``."""
+    return logits.unflatten(-1, (group, -1)).softmax(-1).flatten(-2)
+
+
+# (group, group_channels, kernel, stride, pad, offset_scale, remove_center): the fixed-length
+# channel paths (16, 32), other widths, 9 / 8 / 25 points, strides and offset scales
+MASK_LOGITS_CASES = [
+    (4, 16, 3, 1, 1, 1.0, False),
+    (2, 32, 3, 1, 1, 2.0, True),
+    (3, 8, 3, 2, 1, 1.0, False),
+    (2, 48, 5, 1, 2, 0.5, False),
+    (1, 5, 3, 1, 0, 1.0, True),
+]
+
+
+@pytest.mark.parametrize("group, gc, kernel, stride, pad, scale, remove_center",
+                         MASK_LOGITS_CASES)
+def test_mask_logits_op_matches_dcnv3_of_softmax(group, gc, kernel, stride, pad, scale,
+                                                  remove_center) -> None:
+    torch.manual_seed(group * 100 + gc)
+    points = kernel * kernel - remove_center
+    value = torch.randn(2, 9, 11, group * gc)
+    h_out = (9 + 2 * pad - kernel) // stride + 1
+    w_out = (11 + 2 * pad - kernel) // stride + 1
+    # offsets large enough to leave the image, so border corners are exercised
+    offset = 2.0 * torch.randn(2, h_out, w_out, group * points * 2)
+    logits = 3.0 * torch.randn(2, h_out, w_out, group * points)
+    geometry = ([kernel, kernel], [stride, stride], [pad, pad], [1, 1], group, gc, scale,
+                remove_center)
+    fused = MASK_LOGITS_OP(value, offset, logits, *geometry)
+    unfused = torch.ops.internimage.dcnv3(value, offset, group_softmax(logits, group), *geometry)
+    expected = torch.ops.internimage.dcnv3(value.double(), offset.double(),
+                                           group_softmax(logits.double(), group), *geometry)
+    fused_error = (fused.double() - expected).abs().max().item()
+    unfused_error = (unfused.double() - expected).abs().max().item()
+    assert fused.shape == unfused.shape
+    # as close to float64 as the unfused float32 path (within 2x + 1e-6)
+    assert fused_error <= 2 * unfused_error + 1e-6, (fused_error, unfused_error)
+
+
+def test_mask_logits_op_extreme_logits() -> None:
+    """Large logits do not overflow (the max is subtracted); a NaN logit makes its own group's
+    output NaN and leaves the other group alone, as with torch.softmax."""
+    group, gc = 2, 16
+    value = torch.randn(1, 4, 4, group * gc)
+    offset = torch.zeros(1, 4, 4, group * 18)
+    logits = torch.randn(1, 4, 4, group * 9) * 500.0
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1], group, gc, 1.0, False)
+    fused = MASK_LOGITS_OP(value, offset, logits, *geometry)
+    expected = torch.ops.internimage.dcnv3(value, offset, group_softmax(logits, group),
+                                           *geometry)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    logits[0, 1, 2, 3] = float("nan")  # group 0 of pixel (1, 2)
+    fused = MASK_LOGITS_OP(value, offset, logits, *geometry)
+    assert fused[0, 1, 2, :gc].isnan().all()
+    assert not fused[0, 1, 2, gc:].isnan().any()
+    fused[0, 1, 2] = 0.0
+    assert not fused.isnan().any()
+
+
+def test_mask_logits_op_errors_and_opcheck() -> None:
+    value, offset, logits = torch.randn(1, 4, 4, 32), torch.randn(1, 4, 4, 36), torch.randn(
+        1, 4, 4, 18)
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 16, 1.0, False)
+    with pytest.raises(RuntimeError, match="input must be float32"):
+        MASK_LOGITS_OP(value.double(), offset.double(), logits.double(), *geometry)
+    with pytest.raises(RuntimeError, match="mask_logits must have shape"):
+        MASK_LOGITS_OP(value, offset, logits[..., :9], *geometry)
+    torch.library.opcheck(MASK_LOGITS_OP, (value, offset, logits, *geometry),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -14,11 +14,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../dcnv3.h"
 #include "cpu_dispatch.h"
+#include "vector_math.h"
 
 namespace internimage {
 namespace {
@@ -86,6 +90,24 @@ struct SamplePlan {
     }
   }
 
+  // Corner weights of samples [0, count) as four runs of `count`, corner k at
+  // weights[k * count + q]: mask x bilinear weight, 0 for corners outside the image.
+  DCNV3_ALWAYS_INLINE void corner_weights(const acc_t* __restrict__ mask, int64_t count,
+                                          acc_t* __restrict__ weights) const {
+    const acc_t* __restrict__ fx = frac_x.data();
+    const acc_t* __restrict__ fy = frac_y.data();
+    const unsigned* __restrict__ cs = corners.data();
+#pragma omp simd
+    for (int64_t q = 0; q < count; ++q) {
+      const acc_t hy = acc_t(1) - fy[q], hx = acc_t(1) - fx[q], m = mask[q];
+      const unsigned bits = cs[q];
+      weights[q] = bits & 1u ? m * (hy * hx) : acc_t(0);
+      weights[count + q] = bits & 2u ? m * (hy * fx[q]) : acc_t(0);
+      weights[2 * count + q] = bits & 4u ? m * (fy[q] * hx) : acc_t(0);
+      weights[3 * count + q] = bits & 8u ? m * (fy[q] * fx[q]) : acc_t(0);
+    }
+  }
+
   // Pointers to the four corners of sample q in a group's channels (corners outside the
   // image point at a row of zeros, so the channel loops need no branch).
   template <typename scalar_t>
@@ -95,26 +117,151 @@ struct SamplePlan {
     const unsigned bits = corners[q];
     const int64_t top_left = (y0[q] * width + x0[q]) * channels;
     const int64_t step[4] = {0, channels, width * channels, (width + 1) * channels};
+    // Selected with masks rather than `?:`, which compilers turn into hard-to-predict
+    // branches here (corners leave the image at data-dependent points).
+    const auto inside_row = reinterpret_cast<std::uintptr_t>(group_input + top_left);
+    const auto zero_row = reinterpret_cast<std::uintptr_t>(zeros);
     for (int k = 0; k < 4; ++k) {
-      rows[k] = (bits >> k) & 1u ? group_input + top_left + step[k] : zeros;
+      const std::uintptr_t keep = 0u - static_cast<std::uintptr_t>((bits >> k) & 1u);
+      const std::uintptr_t row = inside_row + static_cast<std::uintptr_t>(step[k]) *
+                                                  sizeof(scalar_t);
+      rows[k] = reinterpret_cast<const scalar_t*>((row & keep) | (zero_row & ~keep));
     }
   }
 };
 
-template <typename scalar_t, int GC>
+// Max and sum of N values as pairwise trees: short dependency chains, so the groups of a
+// pixel overlap in the pipeline (a running max over 9 values is a 9-step chain). A NaN
+// logit needs no care here: its exp makes the group's sum, and so the group, NaN.
+template <int N>
+DCNV3_ALWAYS_INLINE float tree_max(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    const float a = tree_max<N / 2>(v), b = tree_max<N - N / 2>(v + N / 2);
+    return a > b ? a : b;
+  }
+}
+
+template <int N>
+DCNV3_ALWAYS_INLINE float tree_sum(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return tree_sum<N / 2>(v) + tree_sum<N - N / 2>(v + N / 2);
+  }
+}
+
+// Softmax over each group's P mask logits of one pixel (P = points: 9, or 8 without the
+// centre), exp(x - max) / sum as torch.softmax computes it, written to `mask`.
+template <int P>
+DCNV3_ALWAYS_INLINE void group_softmax(const float* logits, int group, float* mask) {
+  const int64_t samples = static_cast<int64_t>(group) * P;
+  for (int64_t first = 0; first < samples; first += P) {
+    const float peak = tree_max<P>(logits + first);
+    for (int p = 0; p < P; ++p) mask[first + p] = logits[first + p] - peak;
+  }
+#pragma omp simd
+  for (int64_t q = 0; q < samples; ++q) mask[q] = exp_nonpositive(mask[q]);
+  for (int64_t first = 0; first < samples; first += P) {
+    const float inverse = 1.0f / tree_sum<P>(mask + first);
+    for (int p = 0; p < P; ++p) mask[first + p] *= inverse;
+  }
+}
+
+// Any other point count: the same arithmetic with running max and sum.
+DCNV3_ALWAYS_INLINE void group_softmax_any(const float* logits, int group, int points,
+                                           float* mask) {
+  const int64_t samples = static_cast<int64_t>(group) * points;
+  for (int64_t first = 0; first < samples; first += points) {
+    float peak = logits[first];
+    for (int p = 1; p < points; ++p) peak = logits[first + p] > peak ? logits[first + p] : peak;
+    for (int p = 0; p < points; ++p) mask[first + p] = logits[first + p] - peak;
+  }
+#pragma omp simd
+  for (int64_t q = 0; q < samples; ++q) mask[q] = exp_nonpositive(mask[q]);
+  for (int64_t first = 0; first < samples; first += points) {
+    float sum = 0.0f;
+    for (int p = 0; p < points; ++p) sum += mask[first + p];
+    const float inverse = 1.0f / sum;
+    for (int p = 0; p < points; ++p) mask[first + p] *= inverse;
+  }
+}
+
+// Blocks of 16 float32 channels as GCC/Clang vector values: one AVX-512 register, two AVX2
+// ones. Spelling the accumulators as vectors keeps them in registers, which the compiler
+// does not manage for a plain array under `omp simd`. The unaligned, aliasing twin reads
+// 16 channels straight from a float row.
+typedef float Floatx16 __attribute__((vector_size(64)));
+typedef float UnalignedFloatx16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+#define DCNV3_LOAD16(p) (*reinterpret_cast<const UnalignedFloatx16*>(p))
+
+// Sums the `points` samples [first, first + points) of one group into `out` (gc channels):
+// out = sum over samples and corners of weight * corner row. Corners outside the image have
+// weight 0 and read a row of zeros, so there is no branch.
+template <typename scalar_t, int GC, typename acc_t>
+DCNV3_ALWAYS_INLINE void sample_group(const SamplePlan<acc_t>& plan, const acc_t* weights,
+                                      int64_t samples, int64_t first, int points,
+                                      const scalar_t* input_g, int64_t width, int64_t channels,
+                                      const scalar_t* zeros, int gc, acc_t* acc,
+                                      scalar_t* out) {
+  const acc_t* w0 = weights;
+  const acc_t* w1 = weights + samples;
+  const acc_t* w2 = weights + 2 * samples;
+  const acc_t* w3 = weights + 3 * samples;
+  if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && GC % 16 == 0) {
+    constexpr int kBlocks = GC / 16;
+    Floatx16 sums[kBlocks] = {};
+    for (int64_t q = first; q < first + points; ++q) {
+      const float* rows[4];
+      plan.corner_rows(q, input_g, width, channels, zeros, rows);
+      for (int b = 0; b < kBlocks; ++b) {
+        sums[b] += w0[q] * DCNV3_LOAD16(rows[0] + 16 * b) +
+                   w1[q] * DCNV3_LOAD16(rows[1] + 16 * b) +
+                   w2[q] * DCNV3_LOAD16(rows[2] + 16 * b) +
+                   w3[q] * DCNV3_LOAD16(rows[3] + 16 * b);
+      }
+    }
+    std::memcpy(out, sums, sizeof sums);
+  } else {
+    for (int c = 0; c < gc; ++c) acc[c] = acc_t(0);
+    for (int64_t q = first; q < first + points; ++q) {
+      const scalar_t* rows[4];
+      plan.corner_rows(q, input_g, width, channels, zeros, rows);
+      const acc_t a = w0[q], b = w1[q], c2 = w2[q], d = w3[q];
+      const scalar_t* __restrict__ v0 = rows[0];
+      const scalar_t* __restrict__ v1 = rows[1];
+      const scalar_t* __restrict__ v2 = rows[2];
+      const scalar_t* __restrict__ v3 = rows[3];
+#pragma omp simd
+      for (int c = 0; c < gc; ++c) {
+        acc[c] += a * static_cast<acc_t>(v0[c]) + b * static_cast<acc_t>(v1[c]) +
+                  c2 * static_cast<acc_t>(v2[c]) + d * static_cast<acc_t>(v3[c]);
+      }
+    }
+    for (int c = 0; c < gc; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+  }
+}
+
+// Output pixels [begin, end) of the flattened (N, H_out, W_out). With kMaskLogits, `mask`
+// holds logits and the softmax over each group's points is applied here (float32 only).
+template <typename scalar_t, int GC, bool kMaskLogits>
 DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g, const scalar_t* input,
                                              const scalar_t* offset, const scalar_t* mask,
                                              scalar_t* output, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  static_assert(!kMaskLogits || std::is_same_v<scalar_t, float>);
   const int64_t channels = g.channels();
   const int gc = GC > 0 ? GC : g.group_channels;
   const int64_t pixels_out = g.height_out * g.width_out;
   const int64_t pixels_in = g.height_in * g.width_in;
   const int64_t samples = static_cast<int64_t>(g.group) * g.points;
   ChannelBuffer<acc_t, GC> acc_buffer(gc);
-  acc_t* __restrict__ acc = acc_buffer.get();
   const std::vector<scalar_t> zeros(gc, scalar_t(0));
   SamplePlan<acc_t> plan(g, samples);
+  std::vector<acc_t> mask_values(samples);
+  std::vector<acc_t> weights(4 * samples);
 
   for (int64_t pix = begin; pix < end; ++pix) {
     const int64_t n = pix / pixels_out;
@@ -122,30 +269,25 @@ DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g, const scala
     const int64_t w_out = pix % g.width_out;
     const scalar_t* input_n = input + n * pixels_in * channels;
     const scalar_t* mask_pix = mask + pix * samples;
-    plan.locate(g, offset + pix * samples * 2, samples, h_out, w_out);
-    for (int grp = 0; grp < g.group; ++grp) {
-      for (int c = 0; c < gc; ++c) acc[c] = acc_t(0);
-      const scalar_t* input_g = input_n + static_cast<int64_t>(grp) * gc;
-      for (int64_t q = static_cast<int64_t>(grp) * g.points; q < (grp + 1) * g.points; ++q) {
-        if (plan.corners[q] == 0u) continue;
-        acc_t w[4];
-        bilinear_weights(plan.frac_y[q], plan.frac_x[q], w);
-        const acc_t m = static_cast<acc_t>(mask_pix[q]);
-        const scalar_t* rows[4];
-        plan.corner_rows(q, input_g, g.width_in, channels, zeros.data(), rows);
-        const acc_t w0 = m * w[0], w1 = m * w[1], w2 = m * w[2], w3 = m * w[3];
-        const scalar_t* __restrict__ v0 = rows[0];
-        const scalar_t* __restrict__ v1 = rows[1];
-        const scalar_t* __restrict__ v2 = rows[2];
-        const scalar_t* __restrict__ v3 = rows[3];
-#pragma omp simd
-        for (int c = 0; c < gc; ++c) {
-          acc[c] += w0 * static_cast<acc_t>(v0[c]) + w1 * static_cast<acc_t>(v1[c]) +
-                    w2 * static_cast<acc_t>(v2[c]) + w3 * static_cast<acc_t>(v3[c]);
-        }
+    if constexpr (kMaskLogits) {
+      if (g.points == 9) {
+        group_softmax<9>(mask_pix, g.group, mask_values.data());
+      } else if (g.points == 8) {
+        group_softmax<8>(mask_pix, g.group, mask_values.data());
+      } else {
+        group_softmax_any(mask_pix, g.group, g.points, mask_values.data());
       }
-      scalar_t* __restrict__ out = output + pix * channels + static_cast<int64_t>(grp) * gc;
-      for (int c = 0; c < gc; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+    } else {
+      for (int64_t q = 0; q < samples; ++q) mask_values[q] = static_cast<acc_t>(mask_pix[q]);
+    }
+    plan.locate(g, offset + pix * samples * 2, samples, h_out, w_out);
+    plan.corner_weights(mask_values.data(), samples, weights.data());
+    for (int grp = 0; grp < g.group; ++grp) {
+      sample_group<scalar_t, GC>(plan, weights.data(), samples,
+                                 static_cast<int64_t>(grp) * g.points, g.points,
+                                 input_n + static_cast<int64_t>(grp) * gc, g.width_in, channels,
+                                 zeros.data(), gc, acc_buffer.get(),
+                                 output + pix * channels + static_cast<int64_t>(grp) * gc);
     }
   }
 }
@@ -234,17 +376,20 @@ DCNV3_ALWAYS_INLINE void backward_slice_impl(const Dcnv3Geometry& g,
 }
 
 // group_channels 16 and 32 (every released InternImage) get loops of fixed length.
-template <typename scalar_t>
+template <typename scalar_t, bool kMaskLogits = false>
 DCNV3_ALWAYS_INLINE void forward_pixels_any(const Dcnv3Geometry& g, const scalar_t* input,
                                             const scalar_t* offset, const scalar_t* mask,
                                             scalar_t* output, int64_t begin, int64_t end) {
   switch (g.group_channels) {
     case 16:
-      return forward_pixels_impl<scalar_t, 16>(g, input, offset, mask, output, begin, end);
+      return forward_pixels_impl<scalar_t, 16, kMaskLogits>(g, input, offset, mask, output,
+                                                            begin, end);
     case 32:
-      return forward_pixels_impl<scalar_t, 32>(g, input, offset, mask, output, begin, end);
+      return forward_pixels_impl<scalar_t, 32, kMaskLogits>(g, input, offset, mask, output,
+                                                            begin, end);
     default:
-      return forward_pixels_impl<scalar_t, 0>(g, input, offset, mask, output, begin, end);
+      return forward_pixels_impl<scalar_t, 0, kMaskLogits>(g, input, offset, mask, output,
+                                                           begin, end);
   }
 }
 
@@ -303,6 +448,36 @@ DCNV3_DEFINE_ALL_ENTRY_POINTS(double)
 DCNV3_DEFINE_ALL_ENTRY_POINTS(c10::BFloat16)
 DCNV3_DEFINE_ALL_ENTRY_POINTS(c10::Half)
 
+#define DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(target, suffix)                                  \
+  target void forward_pixels_mask_logits_##suffix(const Dcnv3Geometry& g, const float* input, \
+                                                  const float* offset, const float* logits,  \
+                                                  float* output, int64_t begin,              \
+                                                  int64_t end) {                             \
+    forward_pixels_any<float, true>(g, input, offset, logits, output, begin, end);          \
+  }
+
+DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(, baseline)
+#ifdef DCNV3_X86_DISPATCH
+DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(DCNV3_TARGET_AVX2, avx2)
+DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(DCNV3_TARGET_AVX512, avx512)
+#endif
+
+void forward_pixels_mask_logits(const Dcnv3Geometry& g, const float* input,
+                                const float* offset, const float* logits, float* output,
+                                int64_t begin, int64_t end) {
+#ifdef DCNV3_X86_DISPATCH
+  switch (cpu_level()) {
+    case CpuLevel::kAvx512:
+      return forward_pixels_mask_logits_avx512(g, input, offset, logits, output, begin, end);
+    case CpuLevel::kAvx2:
+      return forward_pixels_mask_logits_avx2(g, input, offset, logits, output, begin, end);
+    case CpuLevel::kBaseline:
+      break;
+  }
+#endif
+  forward_pixels_mask_logits_baseline(g, input, offset, logits, output, begin, end);
+}
+
 template <typename scalar_t>
 void forward_pixels(const Dcnv3Geometry& g, const scalar_t* input, const scalar_t* offset,
                     const scalar_t* mask, scalar_t* output, int64_t begin, int64_t end) {
@@ -341,6 +516,11 @@ void backward_slices(const Dcnv3Geometry& g, const scalar_t* grad_output, const 
 }
 
 
+// Enough work per parallel task to amortise the fork: about 4k channel-samples.
+int64_t forward_grain(const Dcnv3Geometry& g) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.channels() * g.points));
+}
+
 at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_,
                              const at::Tensor& mask_, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding,
@@ -356,19 +536,46 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
       at::empty({g.batch, g.height_out, g.width_out, g.channels()}, input.options());
   const int64_t pixels = g.batch * g.height_out * g.width_out;
   if (pixels == 0) return output;
-  // Enough work per task to amortise the fork: about 4k channel-samples.
-  const int64_t grain =
-      std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.channels() * g.points));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "dcnv3_forward_cpu", [&] {
         const scalar_t* in = input.const_data_ptr<scalar_t>();
         const scalar_t* off = offset.const_data_ptr<scalar_t>();
         const scalar_t* msk = mask.const_data_ptr<scalar_t>();
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, pixels, forward_grain(g), [&](int64_t begin, int64_t end) {
           forward_pixels(g, in, off, msk, out, begin, end);
         });
       });
+  return output;
+}
+
+// dcnv3 with the mask given as logits: the softmax over each group's points runs inside the
+// kernel, saving the separate softmax pass (forward only, float32, for inference).
+at::Tensor dcnv3_mask_logits_cpu(const at::Tensor& input_, const at::Tensor& offset_,
+                                 const at::Tensor& mask_logits_, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t group,
+                                 int64_t group_channels, double offset_scale,
+                                 bool remove_center) {
+  TORCH_CHECK(input_.scalar_type() == at::kFloat,
+              "dcnv3_mask_logits: input must be float32, got ", input_.scalar_type());
+  const Dcnv3Geometry g = check_dcnv3_args(input_, offset_, mask_logits_, kernel_size, stride,
+                                           padding, dilation, group, group_channels,
+                                           offset_scale, remove_center, "mask_logits");
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor logits = mask_logits_.contiguous();
+  at::Tensor output =
+      at::empty({g.batch, g.height_out, g.width_out, g.channels()}, input.options());
+  const int64_t pixels = g.batch * g.height_out * g.width_out;
+  if (pixels == 0) return output;
+  const float* in = input.const_data_ptr<float>();
+  const float* off = offset.const_data_ptr<float>();
+  const float* lg = logits.const_data_ptr<float>();
+  float* out = output.mutable_data_ptr<float>();
+  at::parallel_for(0, pixels, forward_grain(g), [&](int64_t begin, int64_t end) {
+    forward_pixels_mask_logits(g, in, off, lg, out, begin, end);
+  });
   return output;
 }
 
@@ -414,6 +621,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
 
 TORCH_LIBRARY_IMPL(internimage, CPU, m) {
   m.impl("dcnv3", &dcnv3_forward_cpu);
+  m.impl("dcnv3_mask_logits", &dcnv3_mask_logits_cpu);
   m.impl("dcnv3_backward", &dcnv3_backward_cpu);
 }
 

@@ -11,35 +11,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "vector_math.h"
 
 namespace internimage {
 namespace {
-
-// exp(x) for x in [-87, 0]: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-6
-// Taylor polynomial for exp(r) (relative error < 2e-7), and 2^n assembled in the exponent
-// bits. Branch-free so the channel loop vectorises; libm's exp would not.
-DCNV3_ALWAYS_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504f + shifter) - shifter;
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 in two parts
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return p * scale;
-}
 
 // Exact-form GELU, y * Phi(y) = 0.5 y (1 + erf(y / sqrt 2)), with erfc(|y| / sqrt 2) from
 // Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7): |result - gelu(y)| < 1e-7 * |y|.
