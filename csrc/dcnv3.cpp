@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_dispatch.h"
 #include "dcnv3.h"
 
 namespace internimage {
@@ -161,8 +162,36 @@ TORCH_LIBRARY_IMPL(internimage, AutocastCUDA, m) {
 
 }  // namespace internimage
 
-// Importing internimage._C runs the static registrations above; the module itself is empty.
+// Importing internimage._C runs the static registrations above. The module's one function,
+// cpu_isa(), names the instruction-set build the CPU kernels dispatch to ("avx512", "avx2",
+// "baseline"; "generic" off x86-64), for tests and bug reports.
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+#ifdef DCNV3_X86_DISPATCH
+  switch (internimage::cpu_level()) {
+    case internimage::CpuLevel::kAvx512:
+      return PyUnicode_FromString("avx512");
+    case internimage::CpuLevel::kAvx2:
+      return PyUnicode_FromString("avx2");
+    case internimage::CpuLevel::kBaseline:
+      break;
+  }
+  return PyUnicode_FromString("baseline");
+#else
+  return PyUnicode_FromString("generic");
+#endif
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          module_methods};
   return PyModule_Create(&module_def);
 }

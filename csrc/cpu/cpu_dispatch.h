@@ -13,6 +13,9 @@
 #endif
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <cstdlib>
+#include <cstring>
+
 #define DCNV3_X86_DISPATCH 1
 #define DCNV3_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -21,17 +24,25 @@ namespace internimage {
 
 enum class CpuLevel { kBaseline, kAvx2, kAvx512 };
 
+// The widest instruction set the CPU has, capped by the environment variable
+// INTERNIMAGE_CPU_ISA ("avx2" or "baseline"; read once) so that the narrower builds can be
+// tested, and compared, on a machine that has AVX-512.
 inline CpuLevel cpu_level() {
   static const CpuLevel level = [] {
     __builtin_cpu_init();
+    CpuLevel found = CpuLevel::kBaseline;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-      return CpuLevel::kAvx512;
+      found = CpuLevel::kAvx512;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      found = CpuLevel::kAvx2;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    const char* cap = std::getenv("INTERNIMAGE_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) return CpuLevel::kBaseline;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && found == CpuLevel::kAvx512) {
       return CpuLevel::kAvx2;
     }
-    return CpuLevel::kBaseline;
+    return found;
   }();
   return level;
 }
