@@ -37,6 +37,11 @@ __all__ = [
     "linear",
     "dwconv_layernorm_gelu",
     "dcnv3_mask_logits",
+    "offset_branch_fusable",
+    "offset_branch_core",
+    "mask_logits_core",
+    "onednn_linear",
+    "layer_norm",
     "fused_cpu_inference",
     "set_fused_cpu_inference",
     "unfused",
@@ -135,23 +140,37 @@ if _FUSED_BRANCH is not None:
         )
 
 
+def offset_branch_fusable(conv: nn.Conv2d, norm: nn.Module) -> bool:
+    """Whether ``GELU(norm(conv(x)))`` fits the fused kernel: ``conv`` a depthwise, stride-1,
+    'same'-padded odd square kernel and ``norm`` a LayerNorm over C with weight and bias."""
+    k = conv.kernel_size[0]
+    return (
+        _FUSED_BRANCH is not None
+        and conv.groups == conv.in_channels == conv.out_channels
+        and conv.kernel_size == (k, k) and k % 2 == 1
+        and conv.stride == (1, 1) and conv.dilation == (1, 1)
+        and conv.padding == (k // 2, k // 2) and conv.padding_mode == "zeros"
+        and getattr(norm, "weight", None) is not None and getattr(norm, "bias", None) is not None
+    )
+
+
 def dwconv_layernorm_gelu(
     x: Tensor, conv: nn.Conv2d, norm: nn.LayerNorm
 ) -> Tensor | None:
     """``GELU(norm(conv(x)))`` for an NHWC ``x`` ``(N, H, W, C)`` in one fused pass, or None
-    when the fused kernel does not apply (see the module docstring; ``conv`` must be a
-    depthwise, stride-1, 'same'-padded odd square kernel, ``norm`` a LayerNorm over C)."""
-    if torch.jit.is_scripting() or _FUSED_BRANCH is None or not fused_cpu_inference(x):
+    when the fused kernel does not apply (see the module docstring and
+    :func:`offset_branch_fusable`)."""
+    if torch.jit.is_scripting() or not fused_cpu_inference(x):
         return None
-    k = conv.kernel_size[0]
-    if not (
-        conv.groups == conv.in_channels == conv.out_channels == x.shape[-1]
-        and conv.kernel_size == (k, k) and k % 2 == 1
-        and conv.stride == (1, 1) and conv.dilation == (1, 1)
-        and conv.padding == (k // 2, k // 2) and conv.padding_mode == "zeros"
-        and norm.weight is not None and norm.bias is not None
-    ):
+    if not offset_branch_fusable(conv, norm) or conv.in_channels != x.shape[-1]:
         return None
+    return offset_branch_core(x, conv, norm)
+
+
+@torch.jit.unused
+def offset_branch_core(x: Tensor, conv: nn.Conv2d, norm: nn.LayerNorm) -> Tensor:
+    """:func:`dwconv_layernorm_gelu` without the eligibility checks (the caller has made
+    them with :func:`fused_cpu_inference` and :func:`offset_branch_fusable`)."""
     return _FUSED_BRANCH(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
 
 
@@ -163,9 +182,28 @@ def dcnv3_mask_logits(value: Tensor, x1: Tensor, dcn: nn.Module) -> Tensor | Non
     does not apply (see the module docstring)."""
     if torch.jit.is_scripting() or _MASK_LOGITS_CORE is None or not fused_cpu_inference(value):
         return None
+    return mask_logits_core(value, x1, dcn)
+
+
+@torch.jit.unused
+def mask_logits_core(value: Tensor, x1: Tensor, dcn: nn.Module) -> Tensor:
+    """:func:`dcnv3_mask_logits` without the eligibility check (the caller has made it)."""
     k, s, p, d = dcn.kernel_size, dcn.stride, dcn.pad, dcn.dilation
     return _MASK_LOGITS_CORE(
         value, _onednn_linear(x1, dcn.offset, "none"), _onednn_linear(x1, dcn.mask, "none"),
         [k, k], [s, s], [p, p], [d, d], dcn.group, dcn.group_channels, dcn.offset_scale,
         dcn.remove_center,
     )
+
+
+@torch.jit.unused
+def onednn_linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
+    """:func:`linear` on the oneDNN path without the eligibility check (the caller has made
+    it with :func:`fused_cpu_inference`)."""
+    return _onednn_linear(x, layer, "gelu" if gelu else "none")
+
+
+@torch.jit.unused
+def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """``norm(x)`` as a direct ``F.layer_norm`` call (no module dispatch)."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

@@ -412,10 +412,42 @@ class DCNv3(nn.Module):
             self.group, self.group_channels, self.offset_scale, self.remove_center,
         )
 
+    @torch.jit.unused
+    def fused_kernels_apply(self) -> bool:
+        """Whether :meth:`forward_cpu_inference` can run this module: the compiled core
+        ('DCNv3') and an offset branch the fused kernel covers (LN + exact GELU)."""
+        return (
+            self.core_op == "DCNv3" and self.fuse_offset_branch
+            and cpu_inference.offset_branch_fusable(self.dw_conv, self.dw_norm)
+        )
+
+    @torch.jit.unused
+    def forward_cpu_inference(self, x: Tensor) -> Tensor:
+        """:meth:`forward` in float32 CPU inference with the fused kernels called directly:
+        the caller has checked ``cpu_inference.fused_cpu_inference(x)`` and
+        :meth:`fused_kernels_apply`. ``(N, H, W, C)`` -> ``(N, H, W, C)``."""
+        value = cpu_inference.onednn_linear(x, self.input_proj)
+        x1 = cpu_inference.offset_branch_core(x, self.dw_conv, self.dw_norm)
+        y = cpu_inference.mask_logits_core(value, x1, self)
+        if self.center_feature_scale_proj_weight is not None:
+            y = self._centre_feature_scale(y, value, x1)
+        return cpu_inference.onednn_linear(y, self.output_proj)
+
+    def _centre_feature_scale(self, y: Tensor, value: Tensor, x1: Tensor) -> Tensor:
+        """Blends the core's output ``y`` with ``value`` by one sigmoid gate per group."""
+        scale = torch.sigmoid(
+            F.linear(x1, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias)
+        ).unsqueeze(-1)  # (N, H, W, G, 1)
+        groups = (self.group, self.group_channels)
+        y = y.unflatten(-1, groups) * (1 - scale) + value.unflatten(-1, groups) * scale
+        return y.flatten(-2)
+
     def forward(self, x: Tensor) -> Tensor:
         """``(N, H, W, C)`` -> ``(N, H, W, C)``, channels-last in and out."""
         if torch.jit.is_scripting():
             return self._forward_scripted(x)
+        if cpu_inference.fused_cpu_inference(x) and self.fused_kernels_apply():
+            return self.forward_cpu_inference(x)
         value = cpu_inference.linear(x, self.input_proj)
         x1 = self.offset_branch(x)
         # float32 CPU inference: offsets, mask softmax and core in one call (cpu_inference)
@@ -424,13 +456,7 @@ class DCNv3(nn.Module):
             offset, mask = self.offset_and_mask(x1, value.dtype)
             y = self.core(value, offset, mask)
         if self.center_feature_scale_proj_weight is not None:
-            scale = torch.sigmoid(
-                F.linear(x1, self.center_feature_scale_proj_weight,
-                         self.center_feature_scale_proj_bias)
-            ).unsqueeze(-1)  # (N, H, W, G, 1): one gate per group
-            groups = (self.group, self.group_channels)
-            y = y.unflatten(-1, groups) * (1 - scale) + value.unflatten(-1, groups) * scale
-            y = y.flatten(-2)
+            y = self._centre_feature_scale(y, value, x1)
         return cpu_inference.linear(y, self.output_proj)
 
     def _forward_scripted(self, x: Tensor) -> Tensor:

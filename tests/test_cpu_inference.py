@@ -243,3 +243,43 @@ def test_mask_logits_op_errors_and_opcheck() -> None:
         MASK_LOGITS_OP(value, offset, logits[..., :9], *geometry)
     torch.library.opcheck(MASK_LOGITS_OP, (value, offset, logits, *geometry),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),  # pre-norm (T)
+        dict(post_norm=True),
+        dict(layer_scale=0.5, post_norm=True),  # S/B/L/XL
+        dict(layer_scale=0.5),
+        dict(res_post_norm=True, center_feature_scale=True, dw_kernel_size=5),  # H-like
+    ],
+    ids=["pre_norm", "post_norm", "ls_post_norm", "ls_pre_norm", "res_post_norm"],
+)
+def test_block_inference_path_matches_unfused(calls, monkeypatch, options) -> None:
+    """Eval-mode blocks run the fused kernels directly (InternImageBlock._forward_cpu_inference)
+    for every residual mode, with the plain modules' results; training mode does not."""
+    from internimage.internimage import InternImageBlock
+
+    taken = []
+    direct = InternImageBlock._forward_cpu_inference
+    monkeypatch.setattr(InternImageBlock, "_forward_cpu_inference",
+                        lambda self, x: taken.append(self.mode) or direct(self, x))
+    torch.manual_seed(0)
+    model = InternImage(channels=16, depths=(1, 2), groups=(2, 4), num_classes=10,
+                        **options).eval()
+    for module in model.modules():
+        if isinstance(module, DCNv3):
+            nn.init.normal_(module.offset.weight, std=0.5)
+            nn.init.normal_(module.mask.weight, std=0.5)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        fused = model(x)
+        assert len(taken) == 3 and calls["core"] == calls["branch"] == 3
+        with cpu_inference.unfused():
+            unfused = model(x)
+        assert len(taken) == 3
+        model.train()
+        model(x)
+        assert len(taken) == 3  # training mode (dropout, drop path) keeps the modules
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
