@@ -48,4 +48,20 @@ inline CpuLevel cpu_level() {
 }
 
 }  // namespace internimage
+
+// `return name_avx512(args...)`, `name_avx2(args...)` or `name_baseline(args...)`, whichever
+// cpu_level() picks: the body of every dispatching entry point.
+#define DCNV3_RETURN_DISPATCHED(name, ...)                    \
+  switch (::internimage::cpu_level()) {                      \
+    case ::internimage::CpuLevel::kAvx512:                   \
+      return name##_avx512(__VA_ARGS__);                     \
+    case ::internimage::CpuLevel::kAvx2:                     \
+      return name##_avx2(__VA_ARGS__);                       \
+    case ::internimage::CpuLevel::kBaseline:                 \
+      break;                                                 \
+  }                                                          \
+  return name##_baseline(__VA_ARGS__)
+#else
+// Elsewhere only the baseline build exists.
+#define DCNV3_RETURN_DISPATCHED(name, ...) return name##_baseline(__VA_ARGS__)
 #endif

@@ -465,33 +465,14 @@ DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(DCNV3_TARGET_AVX512, avx512)
 void forward_pixels_mask_logits(const Dcnv3Geometry& g, const float* input,
                                 const float* offset, const float* logits, float* output,
                                 int64_t begin, int64_t end) {
-#ifdef DCNV3_X86_DISPATCH
-  switch (cpu_level()) {
-    case CpuLevel::kAvx512:
-      return forward_pixels_mask_logits_avx512(g, input, offset, logits, output, begin, end);
-    case CpuLevel::kAvx2:
-      return forward_pixels_mask_logits_avx2(g, input, offset, logits, output, begin, end);
-    case CpuLevel::kBaseline:
-      break;
-  }
-#endif
-  forward_pixels_mask_logits_baseline(g, input, offset, logits, output, begin, end);
+  DCNV3_RETURN_DISPATCHED(forward_pixels_mask_logits, g, input, offset, logits, output, begin,
+                          end);
 }
 
 template <typename scalar_t>
 void forward_pixels(const Dcnv3Geometry& g, const scalar_t* input, const scalar_t* offset,
                     const scalar_t* mask, scalar_t* output, int64_t begin, int64_t end) {
-#ifdef DCNV3_X86_DISPATCH
-  switch (cpu_level()) {
-    case CpuLevel::kAvx512:
-      return forward_pixels_avx512(g, input, offset, mask, output, begin, end);
-    case CpuLevel::kAvx2:
-      return forward_pixels_avx2(g, input, offset, mask, output, begin, end);
-    case CpuLevel::kBaseline:
-      break;
-  }
-#endif
-  forward_pixels_baseline(g, input, offset, mask, output, begin, end);
+  DCNV3_RETURN_DISPATCHED(forward_pixels, g, input, offset, mask, output, begin, end);
 }
 
 template <typename scalar_t>
@@ -499,20 +480,8 @@ void backward_slices(const Dcnv3Geometry& g, const scalar_t* grad_output, const 
                      const scalar_t* offset, const scalar_t* mask,
                      at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset,
                      scalar_t* grad_mask, int64_t begin, int64_t end) {
-#ifdef DCNV3_X86_DISPATCH
-  switch (cpu_level()) {
-    case CpuLevel::kAvx512:
-      return backward_slices_avx512(g, grad_output, input, offset, mask, grad_input,
-                                    grad_offset, grad_mask, begin, end);
-    case CpuLevel::kAvx2:
-      return backward_slices_avx2(g, grad_output, input, offset, mask, grad_input, grad_offset,
-                                  grad_mask, begin, end);
-    case CpuLevel::kBaseline:
-      break;
-  }
-#endif
-  backward_slices_baseline(g, grad_output, input, offset, mask, grad_input, grad_offset,
-                           grad_mask, begin, end);
+  DCNV3_RETURN_DISPATCHED(backward_slices, g, grad_output, input, offset, mask, grad_input,
+                          grad_offset, grad_mask, begin, end);
 }
 
 

@@ -125,18 +125,8 @@ OFFSET_BRANCH_ENTRY_POINT(DCNV3_TARGET_AVX512, avx512)
 void offset_branch_rows(const BranchShape& s, const float* input, const float* taps,
                         const float* conv_bias, const float* gamma, const float* beta,
                         float* output, int64_t begin, int64_t end) {
-#ifdef DCNV3_X86_DISPATCH
-  switch (cpu_level()) {
-    case CpuLevel::kAvx512:
-      return offset_branch_rows_avx512(s, input, taps, conv_bias, gamma, beta, output, begin,
-                                       end);
-    case CpuLevel::kAvx2:
-      return offset_branch_rows_avx2(s, input, taps, conv_bias, gamma, beta, output, begin, end);
-    case CpuLevel::kBaseline:
-      break;
-  }
-#endif
-  offset_branch_rows_baseline(s, input, taps, conv_bias, gamma, beta, output, begin, end);
+  DCNV3_RETURN_DISPATCHED(offset_branch_rows, s, input, taps, conv_bias, gamma, beta, output,
+                          begin, end);
 }
 
 void check_vector(const at::Tensor& t, const char* name, int64_t channels) {
