@@ -43,19 +43,24 @@ struct ChannelBuffer<T, 0> {
   T* get() { return data.data(); }
 };
 
-// Where the samples of one output pixel land. `locate` fills it for a run of points in one
-// branch-free pass that the compiler vectorises; the channel loops then only read it.
+constexpr unsigned kAllCorners = 0xFu;
+
+// Where the samples of a run of output pixels land. `locate` fills it in one branch-free pass
+// over all the run's samples that the compiler vectorises (one long loop rather than one
+// short one per pixel, whose remainders cost as much as its full vectors); the channel loops
+// then only read it.
 template <typename acc_t>
 struct SamplePlan {
   std::vector<acc_t> tap_x, tap_y;  // kernel-grid displacement of each point, unscaled
+  std::vector<acc_t> centre_x, centre_y;  // kernel centre of each sample's output pixel
   std::vector<acc_t> frac_x, frac_y;
-  std::vector<int64_t> y0, x0;
-  std::vector<unsigned> corners;  // bit k: corner k inside; 0: sample skipped
+  std::vector<int64_t> top_left;  // element offset of the top-left corner in the input image
+  std::vector<unsigned> corners;   // bit k: corner k inside (kAllCorners: all four); 0: skipped
 
   // Plans runs of up to `count` points that start at a group boundary.
   SamplePlan(const Dcnv3Geometry& g, int64_t count)
-      : tap_x(count), tap_y(count), frac_x(count), frac_y(count), y0(count), x0(count),
-        corners(count) {
+      : tap_x(count), tap_y(count), centre_x(count), centre_y(count), frac_x(count),
+        frac_y(count), top_left(count), corners(count) {
     int64_t q = 0;
     while (q < count) {
       for (int i = 0; i < g.kernel_w; ++i) {
@@ -68,25 +73,37 @@ struct SamplePlan {
     }
   }
 
+  // Plans `per_pixel` samples (whole groups) of each of the `pixels` output pixels from flat
+  // index `first_pixel` of (N, H_out, W_out) on; `offset` points at the first one's offsets.
   template <typename scalar_t>
   DCNV3_ALWAYS_INLINE void locate(const Dcnv3Geometry& g, const scalar_t* __restrict__ offset,
-                                  int64_t count, int64_t h_out, int64_t w_out) {
+                                  int64_t per_pixel, int64_t first_pixel, int64_t pixels) {
+    for (int64_t p = 0; p < pixels; ++p) {
+      const int64_t w_out = (first_pixel + p) % g.width_out;
+      const int64_t h_out = ((first_pixel + p) / g.width_out) % g.height_out;
+      const acc_t cx = static_cast<acc_t>(w_out * g.stride_w - g.pad_w + g.half_w());
+      const acc_t cy = static_cast<acc_t>(h_out * g.stride_h - g.pad_h + g.half_h());
+      std::fill_n(centre_x.data() + p * per_pixel, per_pixel, cx);
+      std::fill_n(centre_y.data() + p * per_pixel, per_pixel, cy);
+    }
+    const int64_t count = per_pixel * pixels;
     const acc_t scale = static_cast<acc_t>(g.offset_scale);
-    const acc_t centre_x = static_cast<acc_t>(w_out * g.stride_w - g.pad_w + g.half_w());
-    const acc_t centre_y = static_cast<acc_t>(h_out * g.stride_h - g.pad_h + g.half_h());
-    const int64_t height = g.height_in, width = g.width_in;
+    const int64_t height = g.height_in, width = g.width_in, channels = g.channels();
     const acc_t* __restrict__ tx = tap_x.data();
     const acc_t* __restrict__ ty = tap_y.data();
+    const acc_t* __restrict__ cxs = centre_x.data();
+    const acc_t* __restrict__ cys = centre_y.data();
     acc_t* __restrict__ fx = frac_x.data();
     acc_t* __restrict__ fy = frac_y.data();
-    int64_t* __restrict__ ys = y0.data();
-    int64_t* __restrict__ xs = x0.data();
+    int64_t* __restrict__ tl = top_left.data();
     unsigned* __restrict__ cs = corners.data();
 #pragma omp simd
     for (int64_t q = 0; q < count; ++q) {
-      const acc_t loc_x = centre_x + (tx[q] + static_cast<acc_t>(offset[2 * q])) * scale;
-      const acc_t loc_y = centre_y + (ty[q] + static_cast<acc_t>(offset[2 * q + 1])) * scale;
-      cs[q] = sample_corners(loc_y, loc_x, height, width, ys[q], xs[q], fy[q], fx[q]);
+      const acc_t loc_x = cxs[q] + (tx[q] + static_cast<acc_t>(offset[2 * q])) * scale;
+      const acc_t loc_y = cys[q] + (ty[q] + static_cast<acc_t>(offset[2 * q + 1])) * scale;
+      int64_t y0, x0;
+      cs[q] = sample_corners(loc_y, loc_x, height, width, y0, x0, fy[q], fx[q]);
+      tl[q] = (y0 * width + x0) * channels;
     }
   }
 
@@ -115,11 +132,10 @@ struct SamplePlan {
                                        int64_t channels, const scalar_t* zeros,
                                        const scalar_t* rows[4]) const {
     const unsigned bits = corners[q];
-    const int64_t top_left = (y0[q] * width + x0[q]) * channels;
     const int64_t step[4] = {0, channels, width * channels, (width + 1) * channels};
     // Selected with masks rather than `?:`, which compilers turn into hard-to-predict
     // branches here (corners leave the image at data-dependent points).
-    const auto inside_row = reinterpret_cast<std::uintptr_t>(group_input + top_left);
+    const auto inside_row = reinterpret_cast<std::uintptr_t>(group_input + top_left[q]);
     const auto zero_row = reinterpret_cast<std::uintptr_t>(zeros);
     for (int k = 0; k < 4; ++k) {
       const std::uintptr_t keep = 0u - static_cast<std::uintptr_t>((bits >> k) & 1u);
@@ -213,9 +229,17 @@ DCNV3_ALWAYS_INLINE void sample_group(const SamplePlan<acc_t>& plan, const acc_t
   if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && GC % 16 == 0) {
     constexpr int kBlocks = GC / 16;
     Floatx16 sums[kBlocks] = {};
+    const int64_t below = width * channels;
     for (int64_t q = first; q < first + points; ++q) {
       const float* rows[4];
-      plan.corner_rows(q, input_g, width, channels, zeros, rows);
+      if (plan.corners[q] == kAllCorners) {  // the common case away from the border
+        rows[0] = input_g + plan.top_left[q];
+        rows[1] = rows[0] + channels;
+        rows[2] = rows[0] + below;
+        rows[3] = rows[2] + channels;
+      } else {
+        plan.corner_rows(q, input_g, width, channels, zeros, rows);
+      }
       for (int b = 0; b < kBlocks; ++b) {
         sums[b] += w0[q] * DCNV3_LOAD16(rows[0] + 16 * b) +
                    w1[q] * DCNV3_LOAD16(rows[1] + 16 * b) +
@@ -257,37 +281,42 @@ DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g, const scala
   const int64_t pixels_out = g.height_out * g.width_out;
   const int64_t pixels_in = g.height_in * g.width_in;
   const int64_t samples = static_cast<int64_t>(g.group) * g.points;
+  // Pixels planned together: about 512 samples, at least one pixel.
+  const int64_t run = std::max<int64_t>(1, 512 / std::max<int64_t>(1, samples));
   ChannelBuffer<acc_t, GC> acc_buffer(gc);
   const std::vector<scalar_t> zeros(gc, scalar_t(0));
-  SamplePlan<acc_t> plan(g, samples);
-  std::vector<acc_t> mask_values(samples);
-  std::vector<acc_t> weights(4 * samples);
+  SamplePlan<acc_t> plan(g, run * samples);
+  std::vector<acc_t> mask_values(run * samples);
+  std::vector<acc_t> weights(4 * run * samples);
 
-  for (int64_t pix = begin; pix < end; ++pix) {
-    const int64_t n = pix / pixels_out;
-    const int64_t h_out = (pix % pixels_out) / g.width_out;
-    const int64_t w_out = pix % g.width_out;
-    const scalar_t* input_n = input + n * pixels_in * channels;
-    const scalar_t* mask_pix = mask + pix * samples;
+  for (int64_t first = begin; first < end; first += run) {
+    const int64_t pixels = std::min(run, end - first);
+    const int64_t count = pixels * samples;
+    const scalar_t* mask_run = mask + first * samples;
     if constexpr (kMaskLogits) {
+      const int groups = static_cast<int>(pixels * g.group);
       if (g.points == 9) {
-        group_softmax<9>(mask_pix, g.group, mask_values.data());
+        group_softmax<9>(mask_run, groups, mask_values.data());
       } else if (g.points == 8) {
-        group_softmax<8>(mask_pix, g.group, mask_values.data());
+        group_softmax<8>(mask_run, groups, mask_values.data());
       } else {
-        group_softmax_any(mask_pix, g.group, g.points, mask_values.data());
+        group_softmax_any(mask_run, groups, g.points, mask_values.data());
       }
     } else {
-      for (int64_t q = 0; q < samples; ++q) mask_values[q] = static_cast<acc_t>(mask_pix[q]);
+      for (int64_t q = 0; q < count; ++q) mask_values[q] = static_cast<acc_t>(mask_run[q]);
     }
-    plan.locate(g, offset + pix * samples * 2, samples, h_out, w_out);
-    plan.corner_weights(mask_values.data(), samples, weights.data());
-    for (int grp = 0; grp < g.group; ++grp) {
-      sample_group<scalar_t, GC>(plan, weights.data(), samples,
-                                 static_cast<int64_t>(grp) * g.points, g.points,
-                                 input_n + static_cast<int64_t>(grp) * gc, g.width_in, channels,
-                                 zeros.data(), gc, acc_buffer.get(),
-                                 output + pix * channels + static_cast<int64_t>(grp) * gc);
+    plan.locate(g, offset + first * samples * 2, samples, first, pixels);
+    plan.corner_weights(mask_values.data(), count, weights.data());
+    for (int64_t p = 0; p < pixels; ++p) {
+      const int64_t pix = first + p;
+      const scalar_t* input_n = input + (pix / pixels_out) * pixels_in * channels;
+      for (int grp = 0; grp < g.group; ++grp) {
+        sample_group<scalar_t, GC>(plan, weights.data(), count,
+                                   p * samples + static_cast<int64_t>(grp) * g.points, g.points,
+                                   input_n + static_cast<int64_t>(grp) * gc, g.width_in,
+                                   channels, zeros.data(), gc, acc_buffer.get(),
+                                   output + pix * channels + static_cast<int64_t>(grp) * gc);
+      }
     }
   }
 }
@@ -324,7 +353,7 @@ DCNV3_ALWAYS_INLINE void backward_slice_impl(const Dcnv3Geometry& g,
       const scalar_t* grad_out_pix = grad_output + pix * channels + group_start;
       for (int c = 0; c < gc; ++c) go[c] = static_cast<acc_t>(grad_out_pix[c]);
       const int64_t first = (pix * g.group + grp) * g.points;
-      plan.locate(g, offset + first * 2, g.points, h_out, w_out);
+      plan.locate(g, offset + first * 2, g.points, pix, 1);
       for (int64_t q = 0; q < g.points; ++q) {
         const int64_t point = first + q;
         const unsigned bits = plan.corners[q];
