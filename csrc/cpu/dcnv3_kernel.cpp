@@ -146,9 +146,10 @@ struct SamplePlan {
   }
 };
 
-// Max and sum of N values as pairwise trees: short dependency chains, so the groups of a
-// pixel overlap in the pipeline (a running max over 9 values is a 9-step chain). A NaN
-// logit needs no care here: its exp makes the group's sum, and so the group, NaN.
+// Max of N values as a pairwise tree (tree_sum, in vector_math.h, for the sum): short
+// dependency chains, so the groups of a pixel overlap in the pipeline (a running max over 9
+// values is a 9-step chain). A NaN logit needs no care here: its exp makes the group's sum,
+// and so the group, NaN.
 template <int N>
 DCNV3_ALWAYS_INLINE float tree_max(const float* v) {
   if constexpr (N == 1) {
@@ -156,15 +157,6 @@ DCNV3_ALWAYS_INLINE float tree_max(const float* v) {
   } else {
     const float a = tree_max<N / 2>(v), b = tree_max<N - N / 2>(v + N / 2);
     return a > b ? a : b;
-  }
-}
-
-template <int N>
-DCNV3_ALWAYS_INLINE float tree_sum(const float* v) {
-  if constexpr (N == 1) {
-    return v[0];
-  } else {
-    return tree_sum<N / 2>(v) + tree_sum<N - N / 2>(v + N / 2);
   }
 }
 
@@ -203,15 +195,6 @@ DCNV3_ALWAYS_INLINE void group_softmax_any(const float* logits, int group, int p
     for (int p = 0; p < points; ++p) mask[first + p] *= inverse;
   }
 }
-
-// Blocks of 16 float32 channels as GCC/Clang vector values: one AVX-512 register, two AVX2
-// ones. Spelling the accumulators as vectors keeps them in registers, which the compiler
-// does not manage for a plain array under `omp simd`. The unaligned, aliasing twin reads
-// 16 channels straight from a float row.
-typedef float Floatx16 __attribute__((vector_size(64)));
-typedef float UnalignedFloatx16 __attribute__((vector_size(64), aligned(4), may_alias));
-
-#define DCNV3_LOAD16(p) (*reinterpret_cast<const UnalignedFloatx16*>(p))
 
 // Sums the `points` samples [first, first + points) of one group into `out` (gc channels):
 // out = sum over samples and corners of weight * corner row. Corners outside the image have

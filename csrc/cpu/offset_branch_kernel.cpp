@@ -72,7 +72,6 @@ DCNV3_ALWAYS_INLINE void offset_branch_rows_any(const BranchShape& s, const floa
   const int64_t C = s.channels, H = s.height, W = s.width, K = s.kernel, half = K / 2;
   std::vector<float> buffer(static_cast<size_t>(C));
   float* __restrict__ acc = buffer.data();
-  const float inv_c = 1.0f / static_cast<float>(C);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / H, h = row % H;
     const float* image = input + n * H * W * C;
@@ -91,14 +90,8 @@ DCNV3_ALWAYS_INLINE void offset_branch_rows_any(const BranchShape& s, const floa
         conv_block<1>(image, taps, conv_bias, C, W, K, y0, x0, ky_begin, ky_end, kx_begin,
                       kx_end, c0, acc);
       }
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < C; ++c) sum += acc[c];
-      const float mean = sum * inv_c;
-      float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t c = 0; c < C; ++c) squares += (acc[c] - mean) * (acc[c] - mean);
-      const float rstd = 1.0f / std::sqrt(squares * inv_c + static_cast<float>(s.eps));
+      float mean, rstd;
+      row_moments(acc, C, static_cast<float>(s.eps), mean, rstd);
       float* __restrict__ out = output + (row * W + w) * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
@@ -163,13 +156,22 @@ at::Tensor dwconv_layernorm_gelu_cpu(const at::Tensor& input_, const at::Tensor&
   at::Tensor output = at::empty(input.sizes(), input.options());
   const int64_t rows = input.size(0) * s.height;
   if (rows == 0 || s.width == 0 || channels == 0) return output;
-  // (C, 1, k, k) -> (k * k, C): one contiguous weight row per tap.
-  const at::Tensor taps = conv_weight.reshape({channels, s.kernel * s.kernel}).t().contiguous();
+  // (C, 1, k, k) -> (k * k, C): one contiguous weight row per tap. A plain loop, not
+  // reshape().t().contiguous(): three operator calls cost more than the copy.
+  const at::Tensor weight = conv_weight.contiguous();
+  const int64_t taps_per_channel = s.kernel * s.kernel;
+  std::vector<float> taps(static_cast<size_t>(taps_per_channel * channels));
+  const float* w = weight.const_data_ptr<float>();
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t t = 0; t < taps_per_channel; ++t) {
+      taps[t * channels + c] = w[c * taps_per_channel + t];
+    }
+  }
   const at::Tensor bias = conv_bias.has_value() ? conv_bias->contiguous() : at::Tensor();
   const at::Tensor gamma = norm_weight.contiguous();
   const at::Tensor beta = norm_bias.contiguous();
   const float* in = input.const_data_ptr<float>();
-  const float* tap = taps.const_data_ptr<float>();
+  const float* tap = taps.data();
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   const float* g = gamma.const_data_ptr<float>();
   const float* be = beta.const_data_ptr<float>();
