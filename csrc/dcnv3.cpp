@@ -150,6 +150,17 @@ TORCH_LIBRARY(internimage, m) {
   m.def(
       "dwconv_layernorm_gelu(Tensor input, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor");
+  // One InternImage block for float32 CPU inference (forward only; csrc/cpu/block_inference.cpp).
+  // norms: LayerNorm weight/bias pairs applied before and after the mixer, then before and
+  // after the MLP (None where the block has none), with norm_eps one per pair.
+  // gamma1/gamma2: layer scales or None. dcn: the DCNv3 module's weight/bias pairs: input
+  // projection, depthwise conv, its LayerNorm (eps branch_eps), offset, mask, output
+  // projection, centre-feature-scale gate (None, None without one). geometry: kernel_size,
+  // stride, pad, dilation, group, group_channels, remove_center. mlp: fc1 (GELU) and fc2.
+  m.def(
+      "block_cpu_inference(Tensor x, Tensor?[] norms, float[] norm_eps, Tensor? gamma1, "
+      "Tensor? gamma2, Tensor?[] dcn, float branch_eps, int[] geometry, float offset_scale, "
+      "Tensor?[] mlp) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(internimage, AutocastCPU, m) {

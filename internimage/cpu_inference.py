@@ -17,7 +17,9 @@ The DCNv3 offset branch ``GELU(LayerNorm(depthwise_conv(x)))`` likewise runs as 
 ``torch.ops.internimage.dwconv_layernorm_gelu`` (:func:`dwconv_layernorm_gelu`), instead of
 three passes and oneDNN's per-call depthwise-convolution setup, and the mask softmax runs
 inside the DCNv3 kernel, ``torch.ops.internimage.dcnv3_mask_logits``
-(:func:`dcnv3_mask_logits`), instead of a softmax pass and a transposing copy.
+(:func:`dcnv3_mask_logits`), instead of a softmax pass and a transposing copy. An eval-mode
+``InternImageBlock`` runs all of it, with its LayerNorms and residuals, as one call,
+``torch.ops.internimage.block_cpu_inference`` (:func:`block_cpu_inference`).
 
 Everything else (training, float64, bfloat16, autocast, CUDA) runs ``F.linear`` + activation.
 """
@@ -41,7 +43,7 @@ __all__ = [
     "offset_branch_core",
     "mask_logits_core",
     "onednn_linear",
-    "layer_norm",
+    "block_cpu_inference",
     "fused_cpu_inference",
     "set_fused_cpu_inference",
     "unfused",
@@ -111,6 +113,9 @@ _FUSED_BRANCH = (
 _MASK_LOGITS_CORE = (
     torch.ops.internimage.dcnv3_mask_logits.default if _ops.extension_available() else None
 )
+_BLOCK = (
+    torch.ops.internimage.block_cpu_inference.default if _ops.extension_available() else None
+)
 
 
 if _FUSED_BRANCH is not None:
@@ -138,6 +143,17 @@ if _FUSED_BRANCH is not None:
             input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
             group_channels, offset_scale, remove_center,
         )
+
+    @torch.library.register_fake("internimage::block_cpu_inference")
+    def _block_cpu_inference_fake(
+        x, norms, norm_eps, gamma1, gamma2, dcn, branch_eps, geometry, offset_scale, mlp
+    ):
+        if x.dim() != 4 or x.dtype != torch.float32:
+            raise ValueError(
+                "block_cpu_inference: x must be a 4-D (N, H, W, C) float32 tensor, got "
+                f"{x.dim()}-D {x.dtype}"
+            )
+        return torch.empty_like(x)
 
 
 def offset_branch_fusable(conv: nn.Conv2d, norm: nn.Module) -> bool:
@@ -197,13 +213,38 @@ def mask_logits_core(value: Tensor, x1: Tensor, dcn: nn.Module) -> Tensor:
 
 
 @torch.jit.unused
+def block_cpu_inference(
+    x: Tensor, norms: list[Tensor | None], norm_eps: list[float], gamma1: Tensor | None,
+    gamma2: Tensor | None, dcn: nn.Module, mlp: nn.Module,
+) -> Tensor | None:
+    """One InternImage block on NHWC ``x`` ``(N, H, W, C)`` in a single call,
+    ``torch.ops.internimage.block_cpu_inference``, or None without the compiled extension.
+
+    The caller (``InternImageBlock``) has checked :func:`fused_cpu_inference`, that ``dcn``
+    (a ``DCNv3``) passes ``fused_kernels_apply()`` and that ``mlp``'s activation is exact
+    GELU. ``norms`` holds the weight/bias pairs of the LayerNorms before and after the mixer,
+    then before and after the MLP (None, None where there is none), ``norm_eps`` their eps."""
+    if _BLOCK is None:
+        return None
+    k, conv, branch_norm = dcn.kernel_size, dcn.dw_conv, dcn.dw_norm
+    dcn_params = [
+        dcn.input_proj.weight, dcn.input_proj.bias, conv.weight, conv.bias,
+        branch_norm.weight, branch_norm.bias, dcn.offset.weight, dcn.offset.bias,
+        dcn.mask.weight, dcn.mask.bias, dcn.output_proj.weight, dcn.output_proj.bias,
+        dcn.center_feature_scale_proj_weight, dcn.center_feature_scale_proj_bias,
+    ]
+    geometry = [k, dcn.stride, dcn.pad, dcn.dilation, dcn.group, dcn.group_channels,
+                int(dcn.remove_center)]
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    return _BLOCK(
+        x, norms, norm_eps, gamma1, gamma2, dcn_params, branch_norm.eps, geometry,
+        dcn.offset_scale, [fc1.weight, fc1.bias, fc2.weight, fc2.bias],
+    )
+
+
+@torch.jit.unused
 def onednn_linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     """:func:`linear` on the oneDNN path without the eligibility check (the caller has made
     it with :func:`fused_cpu_inference`)."""
     return _onednn_linear(x, layer, "gelu" if gelu else "none")
 
-
-@torch.jit.unused
-def layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """``norm(x)`` as a direct ``F.layer_norm`` call (no module dispatch)."""
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

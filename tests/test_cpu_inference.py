@@ -19,11 +19,16 @@ MASK_LOGITS_OP = torch.ops.internimage.dcnv3_mask_logits
 
 @pytest.fixture
 def calls(monkeypatch) -> dict[str, int]:
-    """Counts the fused kernels' calls."""
-    counts = {"linear": 0, "branch": 0, "core": 0}
+    """Counts the fused kernels' calls from Python (the block op makes its own inside)."""
+    counts = {"linear": 0, "branch": 0, "core": 0, "block": 0}
     onednn = cpu_inference._ONEDNN_LINEAR
     branch_op = cpu_inference._FUSED_BRANCH
     core_op = cpu_inference._MASK_LOGITS_CORE
+    block_op = cpu_inference._BLOCK
+
+    def counting_block(*args):
+        counts["block"] += 1
+        return block_op(*args)
 
     def counting_core(*args):
         counts["core"] += 1
@@ -40,6 +45,7 @@ def calls(monkeypatch) -> dict[str, int]:
     monkeypatch.setattr(cpu_inference, "_ONEDNN_LINEAR", counting_linear)
     monkeypatch.setattr(cpu_inference, "_FUSED_BRANCH", counting_branch)
     monkeypatch.setattr(cpu_inference, "_MASK_LOGITS_CORE", counting_core)
+    monkeypatch.setattr(cpu_inference, "_BLOCK", counting_block)
     return counts
 
 
@@ -135,10 +141,10 @@ def test_model_fused_matches_unfused(calls) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fused = model(x)
-        assert calls["linear"] > 0 and calls["branch"] == calls["core"] == 5  # one per block
+        assert calls["block"] == 5  # one per block
         with cpu_inference.unfused():
             unfused = model(x)
-        assert calls["branch"] == calls["core"] == 5
+        assert calls["block"] == 5
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
 
 
@@ -153,18 +159,18 @@ def test_fused_kernels_not_taken(calls, context) -> None:
     model = small_model()
     with context():
         model(torch.randn(1, 3, 64, 64))
-    assert calls == {"linear": 0, "branch": 0, "core": 0}
+    assert calls == {"linear": 0, "branch": 0, "core": 0, "block": 0}
 
 
 def test_fused_kernels_not_taken_for_float64_or_compile(calls) -> None:
     model = small_model()
     with torch.no_grad():
         model.double()(torch.randn(1, 3, 64, 64, dtype=torch.float64))
-        assert calls == {"linear": 0, "branch": 0, "core": 0}
+        assert calls == {"linear": 0, "branch": 0, "core": 0, "block": 0}
         model.float()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         compiled(torch.randn(1, 3, 64, 64))
-    assert calls == {"linear": 0, "branch": 0, "core": 0}
+    assert calls == {"linear": 0, "branch": 0, "core": 0, "block": 0}
 
 
 def test_set_fused_cpu_inference_checks_type() -> None:
@@ -257,8 +263,9 @@ def test_mask_logits_op_errors_and_opcheck() -> None:
     ids=["pre_norm", "post_norm", "ls_post_norm", "ls_pre_norm", "res_post_norm"],
 )
 def test_block_inference_path_matches_unfused(calls, monkeypatch, options) -> None:
-    """Eval-mode blocks run the fused kernels directly (InternImageBlock._forward_cpu_inference)
-    for every residual mode, with the plain modules' results; training mode does not."""
+    """Eval-mode blocks run as one op (InternImageBlock._forward_cpu_inference ->
+    internimage::block_cpu_inference) in every residual mode, with the plain modules'
+    results; training mode does not."""
     from internimage.internimage import InternImageBlock
 
     taken = []
@@ -275,7 +282,7 @@ def test_block_inference_path_matches_unfused(calls, monkeypatch, options) -> No
     x = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         fused = model(x)
-        assert len(taken) == 3 and calls["core"] == calls["branch"] == 3
+        assert len(taken) == 3 and calls["block"] == 3
         with cpu_inference.unfused():
             unfused = model(x)
         assert len(taken) == 3
@@ -283,3 +290,56 @@ def test_block_inference_path_matches_unfused(calls, monkeypatch, options) -> No
         model(x)
         assert len(taken) == 3  # training mode (dropout, drop path) keeps the modules
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_block_op_falls_back_for_other_blocks(calls) -> None:
+    """Blocks the op does not cover run the modules (per-layer fused kernels), same results:
+    a ReLU MLP, and a LayerNorm without affine parameters swapped in."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    relu = InternImage(channels=16, depths=(1, 1), groups=(1, 2), act_layer="ReLU").eval()
+    swapped = InternImage(channels=16, depths=(1, 1), groups=(1, 2)).eval()
+    swapped.stages[0].blocks[0].norm2 = nn.LayerNorm(16, eps=1e-6, elementwise_affine=False)
+    for model in (relu, swapped):
+        with torch.no_grad():
+            fused = model(x)
+            with cpu_inference.unfused():
+                unfused = model(x)
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    assert calls["block"] == 1  # only swapped's second block
+    assert calls["core"] == 3  # every other block ran its DCNv3 module's fused path
+
+
+def block_op_args(channels: int = 32, group: int = 2) -> tuple:
+    """Arguments of internimage::block_cpu_inference for a pre-norm block with a layer scale
+    on the MLP branch (exercising present and absent slots)."""
+    torch.manual_seed(channels)
+    c, points = channels, 9
+
+    def linear(out_features: int, in_features: int) -> list[torch.Tensor]:
+        return [0.2 * torch.randn(out_features, in_features), 0.1 * torch.randn(out_features)]
+
+    norm = [torch.rand(c) + 0.5, 0.1 * torch.randn(c)]
+    dcn = (linear(c, c) + [0.3 * torch.randn(c, 1, 3, 3), torch.zeros(c)] + norm
+           + linear(group * points * 2, c) + linear(group * points, c) + linear(c, c)
+           + [None, None])
+    mlp = linear(4 * c, c) + linear(c, 4 * c)
+    return (torch.randn(1, 5, 6, c), norm + [None, None] + norm + [None, None],
+            [1e-6, 0.0, 1e-6, 0.0], None, torch.rand(c), dcn, 1e-6,
+            [3, 1, 1, 1, group, c // group, 0], 1.0, mlp)
+
+
+def test_block_op_errors_and_opcheck() -> None:
+    op = torch.ops.internimage.block_cpu_inference
+    args = block_op_args()
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="x must be a 4-D"):
+        op(args[0].double(), *args[1:])
+    with pytest.raises(RuntimeError, match="norms must have 8 entries"):
+        op(args[0], args[1][:6], *args[2:])
+    with pytest.raises(RuntimeError, match=r"gamma2 must be a contiguous float32 tensor of "
+                                           r"shape \(32\)"):
+        op(*args[:4], torch.rand(16), *args[5:])
+    with pytest.raises(RuntimeError, match=r"dcn\[0\] must be a tensor, got None"):
+        op(*args[:5], [None] + args[5][1:], *args[6:])
+
