@@ -53,6 +53,7 @@ from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
 from internimage import cpu_inference
+from internimage.cpu_inference import PackedWeightConv2d
 from internimage.dcnv3 import (
     CORE_OPS,
     DCNv3,
@@ -123,10 +124,10 @@ class InternImageStem(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv1 = nn.Conv2d(in_chans, out_chs // 2, 3, stride=2, padding=1, **dd)
+        self.conv1 = PackedWeightConv2d(in_chans, out_chs // 2, 3, stride=2, padding=1, **dd)
         self.norm1 = norm_nchw(norm_layer, out_chs // 2, out_nhwc=False, **dd)
         self.act = get_act_layer(act_layer)()
-        self.conv2 = nn.Conv2d(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
+        self.conv2 = PackedWeightConv2d(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
         self.norm2 = norm_nchw(norm_layer, out_chs, out_nhwc=False, **dd)
         self.drop = nn.Dropout(drop_rate)  # the original's ``pos_drop``
 
@@ -145,7 +146,7 @@ class InternImageDownsample(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd)
+        self.conv = PackedWeightConv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd)
         self.norm = norm_nchw(norm_layer, out_chs, out_nhwc=True, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -465,7 +466,7 @@ class ConvClassifierHead(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.in_features = in_chs
-        self.conv = nn.Conv2d(in_chs, hidden_size, 1, bias=False, **dd)
+        self.conv = PackedWeightConv2d(in_chs, hidden_size, 1, bias=False, **dd)
         self.norm = nn.BatchNorm2d(hidden_size, **dd)
         self.act = get_act_layer(act_layer)()
         self.num_features = hidden_size

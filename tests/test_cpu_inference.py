@@ -343,3 +343,44 @@ def test_block_op_errors_and_opcheck() -> None:
     with pytest.raises(RuntimeError, match=r"dcn\[0\] must be a tensor, got None"):
         op(*args[:5], [None] + args[5][1:], *args[6:])
 
+
+def test_packed_weight_conv_matches_conv2d_and_follows_weight_changes() -> None:
+    """PackedWeightConv2d gives nn.Conv2d's output exactly, at input shapes other than the one
+    it packed for, and repacks after load_state_dict (in place) or a replaced weight."""
+    from internimage.cpu_inference import PackedWeightConv2d, _packed_conv_weights
+
+    torch.manual_seed(0)
+    conv = PackedWeightConv2d(16, 32, 3, stride=2, padding=1).eval()
+    plain = nn.Conv2d(16, 32, 3, stride=2, padding=1).eval()
+    assert conv.state_dict().keys() == plain.state_dict().keys()
+
+    def check(x: torch.Tensor) -> None:
+        x = x.contiguous(memory_format=torch.channels_last)
+        plain.load_state_dict(conv.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), plain(x), rtol=0, atol=0)
+
+    check(torch.randn(1, 16, 14, 14))
+    packed = _packed_conv_weights[conv][2]
+    check(torch.randn(3, 16, 9, 20))  # another shape: the packed weight still serves
+    assert _packed_conv_weights[conv][2] is packed
+    conv.load_state_dict({"weight": torch.randn(32, 16, 3, 3), "bias": torch.randn(32)})
+    check(torch.randn(1, 16, 14, 14))
+    assert _packed_conv_weights[conv][2] is not packed  # the in-place copy was noticed
+    conv.weight = nn.Parameter(torch.randn(32, 16, 3, 3))
+    check(torch.randn(1, 16, 14, 14))
+    copy.deepcopy(conv)  # the cache is not part of the module
+
+
+def test_packed_weight_conv_not_taken_outside_float32_channels_last_inference() -> None:
+    from internimage.cpu_inference import PackedWeightConv2d, _packed_conv_weights
+
+    conv = PackedWeightConv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        conv(x)  # NCHW-contiguous input
+    conv(x.contiguous(memory_format=torch.channels_last))  # autograd on
+    conv.double()
+    with torch.no_grad():
+        conv(x.double().contiguous(memory_format=torch.channels_last))
+    assert conv not in _packed_conv_weights
