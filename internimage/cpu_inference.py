@@ -283,7 +283,8 @@ def _packed_weight(conv: nn.Conv2d, x: Tensor) -> Tensor:
 class PackedWeightConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) whose float32 CPU inference on
     channels_last ``(N, C, H, W)`` input runs oneDNN with a cached, prepacked weight (see the
-    module docstring); bit-identical to ``nn.Conv2d``. Everything else runs ``nn.Conv2d``."""
+    module docstring); the same result as ``nn.Conv2d`` (bit-identical on the development
+    machine). Everything else runs ``nn.Conv2d``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript skips this block
@@ -298,7 +299,8 @@ class PackedWeightConv2d(nn.Conv2d):
             _ONEDNN_CONV is not None and fused_cpu_inference(x) and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-            and weight.dtype == torch.float32 and not weight.is_inference()
+            and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and not weight.is_inference()
         )
 
     @torch.jit.unused

@@ -345,8 +345,8 @@ def test_block_op_errors_and_opcheck() -> None:
 
 
 def test_packed_weight_conv_matches_conv2d_and_follows_weight_changes() -> None:
-    """PackedWeightConv2d gives nn.Conv2d's output exactly, at input shapes other than the one
-    it packed for, and repacks after load_state_dict (in place) or a replaced weight."""
+    """PackedWeightConv2d gives nn.Conv2d's output, at input shapes other than the one it
+    packed for, and repacks after load_state_dict (in place) or a replaced weight."""
     from internimage.cpu_inference import PackedWeightConv2d, _packed_conv_weights
 
     torch.manual_seed(0)
@@ -358,7 +358,8 @@ def test_packed_weight_conv_matches_conv2d_and_follows_weight_changes() -> None:
         x = x.contiguous(memory_format=torch.channels_last)
         plain.load_state_dict(conv.state_dict())
         with torch.no_grad():
-            torch.testing.assert_close(conv(x), plain(x), rtol=0, atol=0)
+            # bit-identical on the development machine; other CPUs may pick other kernels
+            torch.testing.assert_close(conv(x), plain(x), rtol=1e-6, atol=1e-6)
 
     check(torch.randn(1, 16, 14, 14))
     packed = _packed_conv_weights[conv][2]

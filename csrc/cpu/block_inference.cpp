@@ -25,6 +25,8 @@
 #include <algorithm>
 #include <optional>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "cpu_dispatch.h"
 #include "vector_math.h"
