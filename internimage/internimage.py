@@ -484,13 +484,13 @@ class ConvClassifierHead(nn.Module):
         self, num_classes: int, pool_type: str | None = None, reset_other: bool = False
     ) -> None:
         """New classifier; ``reset_other`` also removes the conv/BN/act pre-logits layers."""
+        ref = next(self.parameters(), None)  # read before reset_other removes layers
+        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         if reset_other:
             self.conv, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
             self.num_features = self.in_features
         if pool_type is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
-        ref = next(self.parameters(), None)
-        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         self.fc = self._make_fc(num_classes, **dd)
         self.train(self.training)  # new modules follow the head's train/eval mode
 
@@ -642,13 +642,13 @@ class ClipClassifierHead(nn.Module):
         self, num_classes: int, pool_type: str | None = None, reset_other: bool = False
     ) -> None:
         """New classifier; ``reset_other`` also removes the attention pool and its norm."""
+        ref = next(self.parameters(), None)  # read before reset_other removes layers
+        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         if reset_other:
             self.attn_pool = None
             self.norm = nn.Identity()
             self.num_features = self.in_features
         self._set_pool(self.pool_type if pool_type is None else pool_type)
-        ref = next(self.parameters(), None)
-        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         self.fc = self._make_fc(num_classes, **dd)
         self.train(self.training)  # new modules follow the head's train/eval mode
 
@@ -1159,7 +1159,11 @@ class InternImage(nn.Module):
         A metadata head gets a new ``num_classes`` classifier too; with ``num_classes == 0``
         it has none and ``forward`` returns the image features only (metadata is ignored)."""
         self.num_classes = num_classes
+        head_had_parameters = next(self.head.parameters(), None) is not None
         self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        if not head_had_parameters:  # nothing there to take the dtype / device from
+            ref = self.stem.conv1.weight
+            self.head.to(device=ref.device, dtype=ref.dtype)
         self.head_hidden_size = self.head.num_features
         if self.meta_head is not None:
             self.meta_head.reset(num_classes)

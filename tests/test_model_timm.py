@@ -139,6 +139,22 @@ def test_classifier_reset(kind: str) -> None:
     assert model(x).shape == (2, 3)
 
 
+@pytest.mark.parametrize("kind", ["conv", "clip"])
+def test_classifier_reset_keeps_the_model_dtype(kind: str) -> None:
+    """New classifiers take the model's dtype, also once reset_other and num_classes=0 have
+    left the head without a parameter to copy it from."""
+    model = tiny(kind).double().eval()
+    model.reset_classifier(0, reset_other=True)
+    assert next(model.head.parameters(), None) is None
+    model.reset_classifier(4)
+    assert model.get_classifier().weight.dtype == torch.float64
+    model.reset_classifier(0)
+    model.reset_classifier(6, reset_other=True)
+    assert model.get_classifier().weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 6)
+
+
 def test_clip_head_rejects_other_pools_until_reset_other() -> None:
     with pytest.raises(ValueError, match="'attn' or ''"):
         tiny("clip", global_pool="avg")
