@@ -1424,7 +1424,9 @@ def checkpoint_filter_fn(
     the model's ``layer_scale`` init value; a 21841-class ImageNet-22k head (``head.fc``) is
     sliced to the 1000 ImageNet-1k rows (:func:`imagenet22k_to_1k_indices`, the original's
     ``map22kto1k.txt``) when the model has 1000 classes. Other head sizes are left as they
-    are (timm drops a head whose size differs from the pretrained cfg's).
+    are (timm drops a head whose size differs from the pretrained cfg's). A model without a
+    metadata head (no ``meta_dim``) gets the image network of a meta-former checkpoint (the
+    iNaturalist H): its ``meta_head.*`` keys are dropped.
     """
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -1435,6 +1437,8 @@ def checkpoint_filter_fn(
     if model is None:
         return out
 
+    if getattr(model, "meta_head", None) is None:  # e.g. the iNat file into a plain model
+        out = {k: v for k, v in out.items() if not k.startswith("meta_head.")}
     model_state = model.state_dict()
     for key, value in list(out.items()):
         target = model_state.get(key)

@@ -177,6 +177,22 @@ def test_filter_maps_original_meta_keys() -> None:
         converted.keys()
 
 
+def test_filter_drops_the_metadata_head_for_a_plain_model(golden: dict) -> None:
+    """The iNat meta-former file loads strictly into a model without meta_dim: the image
+    network only, with the meta model's features and image-head logits."""
+    meta_model, original = meta_model_and_state(golden)
+    plain = InternImage(**golden["config"]).double().eval()
+    converted = checkpoint_filter_fn({"model": original}, plain)
+    assert not any(k.startswith("meta_head") for k in converted)
+    result = plain.load_state_dict(converted)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        features = meta_model.forward_features(x)
+        torch.testing.assert_close(plain.forward_features(x), features)
+        torch.testing.assert_close(plain(x), meta_model.head(features))
+
+
 def test_forward_matches_the_original_formula(golden: dict) -> None:
     model, original = meta_model_and_state(golden)
     x = golden["input"]
