@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ __all__ = [
     "mask_logits_core",
     "onednn_linear",
     "block_cpu_inference",
+    "fast_getattr",
     "fused_cpu_inference",
     "PackedWeightConv2d",
     "set_fused_cpu_inference",
@@ -223,6 +225,20 @@ def mask_logits_core(value: Tensor, x1: Tensor, dcn: nn.Module) -> Tensor:
 
 
 @torch.jit.unused
+def fast_getattr(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name)``, reading a parameter or submodule straight from nn.Module's
+    registries: ``Module.__getattr__`` costs about a microsecond a call, and a block's
+    arguments take some thirty lookups per forward (anything else, e.g. a parametrized
+    weight, goes through ``getattr``)."""
+    parameters, modules = module._parameters, module._modules
+    if name in parameters:
+        return parameters[name]
+    if name in modules:
+        return modules[name]
+    return getattr(module, name)
+
+
+@torch.jit.unused
 def block_cpu_inference(
     x: Tensor, norms: list[Tensor | None], norm_eps: list[float], gamma1: Tensor | None,
     gamma2: Tensor | None, dcn: nn.Module, mlp: nn.Module,
@@ -236,20 +252,21 @@ def block_cpu_inference(
     then before and after the MLP (None, None where there is none), ``norm_eps`` their eps."""
     if _BLOCK is None:
         return None
-    k, conv, branch_norm = dcn.kernel_size, dcn.dw_conv, dcn.dw_norm
-    dcn_params = [
-        dcn.input_proj.weight, dcn.input_proj.bias, conv.weight, conv.bias,
-        branch_norm.weight, branch_norm.bias, dcn.offset.weight, dcn.offset.bias,
-        dcn.mask.weight, dcn.mask.bias, dcn.output_proj.weight, dcn.output_proj.bias,
-        dcn.center_feature_scale_proj_weight, dcn.center_feature_scale_proj_bias,
-    ]
-    geometry = [k, dcn.stride, dcn.pad, dcn.dilation, dcn.group, dcn.group_channels,
-                int(dcn.remove_center)]
-    fc1, fc2 = mlp.fc1, mlp.fc2
-    return _BLOCK(
-        x, norms, norm_eps, gamma1, gamma2, dcn_params, branch_norm.eps, geometry,
-        dcn.offset_scale, [fc1.weight, fc1.bias, fc2.weight, fc2.bias],
-    )
+    dcn_params = []
+    for name in ("input_proj", "dw_conv", "dw_norm", "offset", "mask", "output_proj"):
+        layer = fast_getattr(dcn, name)
+        dcn_params += (fast_getattr(layer, "weight"), fast_getattr(layer, "bias"))
+    dcn_params += (fast_getattr(dcn, "center_feature_scale_proj_weight"),
+                   fast_getattr(dcn, "center_feature_scale_proj_bias"))
+    geometry = [dcn.kernel_size, dcn.stride, dcn.pad, dcn.dilation, dcn.group,
+                dcn.group_channels, int(dcn.remove_center)]
+    mlp_params = []
+    for name in ("fc1", "fc2"):
+        layer = fast_getattr(mlp, name)
+        mlp_params += (fast_getattr(layer, "weight"), fast_getattr(layer, "bias"))
+    branch_eps = fast_getattr(dcn, "dw_norm").eps
+    return _BLOCK(x, norms, norm_eps, gamma1, gamma2, dcn_params, branch_eps, geometry,
+                  dcn.offset_scale, mlp_params)
 
 
 @torch.jit.unused

@@ -341,18 +341,20 @@ class InternImageBlock(nn.Module):
         branch."""
         norms: list[Tensor | None] = []
         norm_eps: list[float] = []
+        attr = cpu_inference.fast_getattr
         for name in _NORMS_AROUND_BRANCHES[self.mode]:
-            norm = getattr(self, name) if name is not None else None
+            norm = attr(self, name) if name is not None else None
             if norm is None:
                 norms += (None, None)
                 norm_eps.append(0.0)
-            elif isinstance(norm, nn.LayerNorm) and norm.weight is not None:
-                norms += (norm.weight, norm.bias)
+            elif isinstance(norm, nn.LayerNorm) and attr(norm, "weight") is not None:
+                norms += (attr(norm, "weight"), attr(norm, "bias"))
                 norm_eps.append(norm.eps)
             else:
                 return None
         return cpu_inference.block_cpu_inference(
-            x, norms, norm_eps, self.gamma1, self.gamma2, self.dcn, self.mlp
+            x, norms, norm_eps, attr(self, "gamma1"), attr(self, "gamma2"), attr(self, "dcn"),
+            attr(self, "mlp"),
         )
 
 

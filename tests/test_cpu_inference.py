@@ -385,3 +385,27 @@ def test_packed_weight_conv_not_taken_outside_float32_channels_last_inference() 
     with torch.no_grad():
         conv(x.double().contiguous(memory_format=torch.channels_last))
     assert conv not in _packed_conv_weights
+
+
+def test_fast_getattr_matches_getattr_and_sees_parametrizations() -> None:
+    """The block op's argument lookup reads nn.Module's registries directly; a parametrized
+    weight (not in ``_parameters``) still comes from getattr, so the block uses its value."""
+    from internimage.internimage import InternImageBlock
+
+    torch.manual_seed(0)
+    block = InternImageBlock(16, 1).eval()
+    for name in ("norm1", "dcn", "gamma1", "mode"):
+        assert cpu_inference.fast_getattr(block, name) is getattr(block, name)
+    assert cpu_inference.fast_getattr(block.mlp.fc1, "weight") is block.mlp.fc1.weight
+
+    class Doubled(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return 2 * weight
+
+    torch.nn.utils.parametrize.register_parametrization(block.mlp.fc2, "weight", Doubled())
+    x = torch.randn(1, 5, 6, 16)
+    with torch.no_grad():
+        fused = block(x)
+        with cpu_inference.unfused():
+            unfused = block(x)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
