@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -137,22 +138,29 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptionalT
                  std::optional<std::string_view>(gelu ? "none" : ""));
 }
 
+// Checks that `t` holds one float32 value per channel, contiguous on the CPU (the row kernels
+// read it through a raw pointer), and returns that pointer. The error names `name`, or
+// `name[index]` for index >= 0 (TORCH_CHECK builds the message only on failure).
+const float* channel_values(const at::Tensor& t, int64_t C, const char* name,
+                           int64_t index = -1) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C && t.scalar_type() == at::kFloat &&
+                  t.is_contiguous() && t.device().is_cpu(),
+              "block_cpu_inference: ", name,
+              index >= 0 ? "[" + std::to_string(index) + "]" : std::string(),
+              " must be a contiguous float32 tensor of shape (", C, ") on the CPU, got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  return t.const_data_ptr<float>();
+}
+
 // The LayerNorm at norms[index] / norms[index + 1] (weight, bias) with norm_eps[index / 2],
 // or an absent RowNorm when that slot is None.
 RowNorm row_norm(const TensorList& norms, c10::ArrayRef<double> eps, size_t index, int64_t C) {
   const OptionalTensor weight = optional_at(norms, index);
   if (!weight.has_value()) return {};
   const OptionalTensor bias = optional_at(norms, index + 1);
-  for (const OptionalTensor& t : {weight, bias}) {
-    if (!t.has_value()) continue;
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->scalar_type() == at::kFloat &&
-                    t->is_contiguous(),
-                "block_cpu_inference: norms[", index, "] and norms[", index + 1,
-                "] must be contiguous float32 tensors of shape (", C, "), got ",
-                t->scalar_type(), " ", t->sizes());
-  }
-  return {weight->const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>()
-                                                            : nullptr,
+  const auto slot = static_cast<int64_t>(index);
+  return {channel_values(*weight, C, "norms", slot),
+          bias.has_value() ? channel_values(*bias, C, "norms", slot + 1) : nullptr,
           static_cast<float>(eps[index / 2])};
 }
 
@@ -179,12 +187,7 @@ std::pair<at::Tensor, at::Tensor> residual_step(const at::Tensor& x, const at::T
 }
 
 const float* scale_data(const OptionalTensor& gamma, int64_t C, const char* name) {
-  if (!gamma.has_value()) return nullptr;
-  TORCH_CHECK(gamma->dim() == 1 && gamma->size(0) == C && gamma->scalar_type() == at::kFloat &&
-                  gamma->is_contiguous(),
-              "block_cpu_inference: ", name, " must be a contiguous float32 tensor of shape (",
-              C, "), got ", gamma->scalar_type(), " ", gamma->sizes());
-  return gamma->const_data_ptr<float>();
+  return gamma.has_value() ? channel_values(*gamma, C, name) : nullptr;
 }
 
 // The DCNv3 module: input projection, fused offset branch, offset and mask projections, the
