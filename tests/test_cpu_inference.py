@@ -21,31 +21,17 @@ MASK_LOGITS_OP = torch.ops.internimage.dcnv3_mask_logits
 def calls(monkeypatch) -> dict[str, int]:
     """Counts the fused kernels' calls from Python (the block op makes its own inside)."""
     counts = {"linear": 0, "branch": 0, "core": 0, "block": 0}
-    onednn = cpu_inference._ONEDNN_LINEAR
-    branch_op = cpu_inference._FUSED_BRANCH
-    core_op = cpu_inference._MASK_LOGITS_CORE
-    block_op = cpu_inference._BLOCK
 
-    def counting_block(*args):
-        counts["block"] += 1
-        return block_op(*args)
+    def counting(key: str, op):
+        def call(*args):
+            counts[key] += 1
+            return op(*args)
+        return call
 
-    def counting_core(*args):
-        counts["core"] += 1
-        return core_op(*args)
-
-    def counting_branch(*args):
-        counts["branch"] += 1
-        return branch_op(*args)
-
-    def counting_linear(*args):
-        counts["linear"] += 1
-        return onednn(*args)
-
-    monkeypatch.setattr(cpu_inference, "_ONEDNN_LINEAR", counting_linear)
-    monkeypatch.setattr(cpu_inference, "_FUSED_BRANCH", counting_branch)
-    monkeypatch.setattr(cpu_inference, "_MASK_LOGITS_CORE", counting_core)
-    monkeypatch.setattr(cpu_inference, "_BLOCK", counting_block)
+    ops = {"linear": "_ONEDNN_LINEAR", "branch": "_FUSED_BRANCH", "core": "_MASK_LOGITS_CORE",
+           "block": "_BLOCK"}
+    for key, name in ops.items():
+        monkeypatch.setattr(cpu_inference, name, counting(key, getattr(cpu_inference, name)))
     return counts
 
 
