@@ -9,6 +9,7 @@ module file holding the :class:`DCNv3` layer.
 from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
 from internimage.dcnv3 import DCNv3
 from internimage.export import export_onnx
+from internimage.inference import optimize_for_inference
 from internimage.internimage import (
     InternImage,
     MetadataHead,
@@ -30,5 +31,6 @@ __all__ = [
     "convert_checkpoint",
     "load_original_checkpoint",
     "export_onnx",
+    "optimize_for_inference",
     "__version__",
 ]

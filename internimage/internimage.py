@@ -34,12 +34,10 @@ from importlib import resources
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
     SelectAdaptivePool2d,
-    register_notrace_module,
     trunc_normal_,
 )
 from timm.models import (
@@ -52,11 +50,10 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
-from internimage import cpu_inference
-from internimage.cpu_inference import PackedWeightConv2d
 from internimage.dcnv3 import (
     CORE_OPS,
     DCNv3,
+    LayerNormNCHW,
     check_norm_layer,
     get_act_layer,
     norm_nchw,
@@ -124,11 +121,11 @@ class InternImageStem(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv1 = PackedWeightConv2d(in_chans, out_chs // 2, 3, stride=2, padding=1, **dd)
-        self.norm1 = norm_nchw(norm_layer, out_chs // 2, out_nhwc=False, **dd)
+        self.conv1 = nn.Conv2d(in_chans, out_chs // 2, 3, stride=2, padding=1, **dd)
+        self.norm1 = norm_nchw(norm_layer, out_chs // 2, **dd)
         self.act = get_act_layer(act_layer)()
-        self.conv2 = PackedWeightConv2d(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
-        self.norm2 = norm_nchw(norm_layer, out_chs, out_nhwc=False, **dd)
+        self.conv2 = nn.Conv2d(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
+        self.norm2 = norm_nchw(norm_layer, out_chs, **dd)
         self.drop = nn.Dropout(drop_rate)  # the original's ``pos_drop``
 
     def forward(self, x: Tensor) -> Tensor:
@@ -139,24 +136,24 @@ class InternImageStem(nn.Module):
 
 
 class InternImageDownsample(nn.Module):
-    """Conv 3x3/2 without bias (C -> 2C) then norm; NCHW in, NHWC ``(N, H/2, W/2, 2C)`` out."""
+    """Conv 3x3/2 without bias (C -> 2C) then norm: ``(N, C, H, W)`` -> ``(N, 2C, H/2, W/2)``,
+    NCHW with channels_last memory."""
 
     def __init__(
         self, in_chs: int, out_chs: int, norm_layer: str = "LN", device=None, dtype=None
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv = PackedWeightConv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd)
-        self.norm = norm_nchw(norm_layer, out_chs, out_nhwc=True, **dd)
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd)
+        self.norm = norm_nchw(norm_layer, out_chs, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x))
 
 
 class InternImageMlp(nn.Module):
-    """fc1 -> act -> dropout -> fc2 -> dropout on the last dimension (the original MLPLayer).
-
-    Dropout modules are only called when ``drop > 0`` (fewer Python calls per block)."""
+    """fc1 -> act -> dropout -> fc2 -> dropout on the last dimension (the original MLPLayer):
+    ``(..., dim)`` -> ``(..., dim)``."""
 
     def __init__(
         self,
@@ -171,51 +168,19 @@ class InternImageMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.act = get_act_layer(act_layer)()
         self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
-        self.drop = nn.Dropout(drop) if drop > 0 else None
-        # exact GELU can run fused into fc1 (see internimage.cpu_inference)
-        self.fuse_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., dim)`` -> ``(..., dim)``."""
-        if torch.jit.is_scripting():
-            return self._forward_scripted(x)
-        if self.fuse_gelu:
-            x = cpu_inference.linear(x, self.fc1, gelu=True)
-        else:
-            x = self.act(self.fc1(x))
-        if self.drop is not None:
-            x = self.drop(x)
-        x = cpu_inference.linear(x, self.fc2)
-        if self.drop is not None:
-            x = self.drop(x)
-        return x
-
-    def _forward_scripted(self, x: Tensor) -> Tensor:
-        """:meth:`forward` through the plain modules (the fused CPU kernels are eager-only)."""
-        x = self.act(self.fc1(x))
-        if self.drop is not None:
-            x = self.drop(x)
-        x = self.fc2(x)
-        if self.drop is not None:
-            x = self.drop(x)
-        return x
-
-
-# LayerNorms of an InternImageBlock by mode: before and after the DCNv3 mixer, then before and
-# after the MLP (see the class docstring).
-_NORMS_AROUND_BRANCHES = {
-    "pre_norm": ("norm1", None, "norm2", None),
-    "ls_pre_norm": ("norm1", None, "norm2", None),
-    "post_norm": (None, "norm1", None, "norm2"),
-    "ls_post_norm": (None, "norm1", None, "norm2"),
-    "res_post_norm": ("norm1", "res_post_norm1", "norm2", "res_post_norm2"),
-}
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
 
 
 class InternImageBlock(nn.Module):
-    """InternImage layer: DCNv3 token mixer and MLP, each with a residual (NHWC in and out).
+    """InternImage layer: DCNv3 token mixer and MLP, each with a residual.
 
-    Residual branches, in the original's order of precedence:
+    Input and output ``(N, C, H, W)`` NCHW with channels_last memory; the mixer and the MLP
+    (and the norms around them) run on the channels-last view ``(N, H, W, C)``, as in the
+    original. Residual branches, in the original's order of precedence:
 
     * ``layer_scale`` set: ``x + dp(gamma1 * norm1(dcn(x)))`` with ``post_norm``, else
       ``x + dp(gamma1 * dcn(norm1(x)))`` (``res_post_norm`` is then ignored, as in the
@@ -285,6 +250,7 @@ class InternImageBlock(nn.Module):
             self.mode = "pre_norm"
 
     def _mixer(self, x: Tensor) -> Tensor:
+        """The mixer's residual branch on NHWC ``x``."""
         mode = self.mode
         if mode == "pre_norm":
             return self.dcn(self.norm1(x))
@@ -302,6 +268,7 @@ class InternImageBlock(nn.Module):
         raise RuntimeError("InternImageBlock: unknown mode " + mode)
 
     def _ffn(self, x: Tensor) -> Tensor:
+        """The MLP's residual branch on NHWC ``x``."""
         mode = self.mode
         if mode == "pre_norm":
             return self.mlp(self.norm2(x))
@@ -317,53 +284,18 @@ class InternImageBlock(nn.Module):
         raise RuntimeError("InternImageBlock: unknown mode " + mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, H, W, C)`` -> ``(N, H, W, C)``."""
-        if not torch.jit.is_scripting():  # TorchScript skips this block
-            if (
-                not self.training and cpu_inference.fused_cpu_inference(x)
-                and self.dcn.fused_kernels_apply() and self.mlp.fuse_gelu
-            ):
-                y = self._forward_cpu_inference(x)
-                if y is not None:
-                    return y
-        if isinstance(self.drop_path, nn.Identity):
-            x = x + self._mixer(x)
-            return x + self._ffn(x)
-        x = x + self.drop_path(self._mixer(x))
-        return x + self.drop_path(self._ffn(x))
-
-    @torch.jit.unused
-    def _forward_cpu_inference(self, x: Tensor) -> Tensor | None:
-        """:meth:`forward` in eval-mode float32 CPU inference as one compiled call,
-        ``internimage::block_cpu_inference`` (the arithmetic of :meth:`_mixer` / :meth:`_ffn`
-        without dropout or drop path, through the fused kernels), or None when this block
-        does not fit it. The mode becomes which LayerNorms run before and after each
-        branch."""
-        norms: list[Tensor | None] = []
-        norm_eps: list[float] = []
-        attr = cpu_inference.fast_getattr
-        for name in _NORMS_AROUND_BRANCHES[self.mode]:
-            norm = attr(self, name) if name is not None else None
-            if norm is None:
-                norms += (None, None)
-                norm_eps.append(0.0)
-            elif isinstance(norm, nn.LayerNorm) and attr(norm, "weight") is not None:
-                norms += (attr(norm, "weight"), attr(norm, "bias"))
-                norm_eps.append(norm.eps)
-            else:
-                return None
-        return cpu_inference.block_cpu_inference(
-            x, norms, norm_eps, attr(self, "gamma1"), attr(self, "gamma2"), attr(self, "dcn"),
-            attr(self, "mlp"),
-        )
+        """``(N, C, H, W)`` -> ``(N, C, H, W)``."""
+        # The residual sums stay NCHW views (see DCNv3.forward on torch.compile's layouts).
+        x = x + self.drop_path(self._mixer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return x + self.drop_path(self._ffn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 class InternImageStage(nn.Module):
     """One stage: optional downsample, blocks, optional post norms and level norm.
 
-    Input ``(N, C_in, H, W)`` NCHW (channels_last memory); output ``(N, C, H', W')`` NCHW,
-    a free view of the NHWC activations. ``post_norm_block_ids[k]`` names the block after
-    which ``post_norms[k]`` is applied (InternImage-H/G level 2).
+    Input ``(N, C_in, H, W)`` NCHW (channels_last memory); output ``(N, C, H', W')`` NCHW with
+    channels_last memory. ``post_norm_block_ids[k]`` names the block after which
+    ``post_norms[k]`` is applied (InternImage-H/G level 2).
     """
 
     def __init__(
@@ -386,7 +318,7 @@ class InternImageStage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = (
             InternImageDownsample(in_chs, out_chs, norm_layer=norm_layer, **dd)
-            if downsample else None
+            if downsample else nn.Identity()
         )
         self.blocks = nn.Sequential(*[
             InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], norm_layer=norm_layer,
@@ -403,47 +335,25 @@ class InternImageStage(nn.Module):
                 )
             self.post_norm_block_ids = ids
             self.post_norms = nn.ModuleList(
-                [nn.LayerNorm(out_chs, eps=LN_EPS, **dd) for _ in ids]
+                [LayerNormNCHW(out_chs, eps=LN_EPS, **dd) for _ in ids]
             )
         else:
             self.post_norm_block_ids = []
-            self.post_norms = None
-        self.norm = nn.LayerNorm(out_chs, eps=LN_EPS, **dd) if level_norm else nn.Identity()
+            self.post_norms = nn.ModuleList()
+        self.norm = LayerNormNCHW(out_chs, eps=LN_EPS, **dd) if level_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        else:
-            x = x.permute(0, 2, 3, 1)
-        if torch.jit.is_scripting():
-            x = self._blocks_scripted(x)
-        else:
-            use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-            if not self.post_norm_block_ids and not use_checkpoint:
-                x = self.blocks(x)
-            else:
-                for i, block in enumerate(self.blocks):
-                    x = checkpoint(block, x) if use_checkpoint else block(x)
-                    if i in self.post_norm_block_ids:
-                        x = self.post_norms[self.post_norm_block_ids.index(i)](x)
-        x = self.norm(x)
-        return x.permute(0, 3, 1, 2)
-
-    def _blocks_scripted(self, x: Tensor) -> Tensor:
-        """The blocks and post norms as TorchScript runs them: no gradient checkpointing, and
-        the post norm is found by a loop (TorchScript indexes a ModuleList by constants only)."""
-        post_norms = self.post_norms
-        if post_norms is None:
-            return self.blocks(x)
-        ids = self.post_norm_block_ids
+        x = self.downsample(x)
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in ids:
-                k = ids.index(i)
-                for j, norm in enumerate(post_norms):
-                    if j == k:
-                        x = norm(x)
-        return x
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            # a loop rather than an index: TorchScript indexes a ModuleList by constants only
+            for k, norm in enumerate(self.post_norms):
+                if self.post_norm_block_ids[k] == i:
+                    x = norm(x)
+        return self.norm(x)
 
 
 class ConvClassifierHead(nn.Module):
@@ -468,7 +378,7 @@ class ConvClassifierHead(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.in_features = in_chs
-        self.conv = PackedWeightConv2d(in_chs, hidden_size, 1, bias=False, **dd)
+        self.conv = nn.Conv2d(in_chs, hidden_size, 1, bias=False, **dd)
         self.norm = nn.BatchNorm2d(hidden_size, **dd)
         self.act = get_act_layer(act_layer)()
         self.num_features = hidden_size
@@ -506,7 +416,18 @@ class ConvClassifierHead(nn.Module):
         return self.fc(x)
 
 
-@register_notrace_module  # a leaf for torch.fx (it checks the two map sizes)
+@torch.fx.wrap  # a leaf for torch.fx: its shape test cannot run on a Proxy
+def _check_fusion_sizes(up: Tensor, x3: Tensor) -> Tensor:
+    """``up`` unchanged when its spatial size matches ``x3``'s; ValueError otherwise."""
+    if up.shape[-2:] != x3.shape[-2:]:
+        raise ValueError(
+            "InternImage clip head: the upsampled stage-4 map must match the stage-3 map, "
+            f"got ({up.shape[-2]}, {up.shape[-1]}) and ({x3.shape[-2]}, {x3.shape[-1]}); "
+            "use input sides divisible by 32"
+        )
+    return up
+
+
 class ClipFusion(nn.Module):
     """H/G feature fusion: ``shuffle(proj_x4(stage 4)) + proj_x3(stage 3)``.
 
@@ -532,13 +453,7 @@ class ClipFusion(nn.Module):
         self.proj_x3 = nn.Conv2d(in_chs_x3, embed_dim, 1, **dd)
 
     def forward(self, x3: Tensor, x4: Tensor) -> Tensor:
-        up = self.shuffle(self.proj_x4(x4))
-        if up.shape[-2:] != x3.shape[-2:]:
-            raise ValueError(
-                "InternImage clip head: the upsampled stage-4 map must match the stage-3 map, "
-                f"got ({up.shape[-2]}, {up.shape[-1]}) and ({x3.shape[-2]}, {x3.shape[-1]}); "
-                "use input sides divisible by 32"
-            )
+        up = _check_fusion_sizes(self.shuffle(self.proj_x4(x4)), x3)
         return up + self.proj_x3(x3)
 
 
@@ -577,16 +492,15 @@ class AttentionPool(nn.Module):
         self.proj = nn.Linear(dim, out_dim, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, length, dim = x.shape
-        heads, head_dim = self.num_heads, self.head_dim
-        q = F.linear(self.norm_q(x.mean(1, keepdim=True)), self.q.weight, self.q_bias)
-        k = F.linear(self.norm_k(x), self.k.weight, self.k_bias)
-        v = F.linear(self.norm_v(x), self.v.weight, self.v_bias)
-        q = q.view(n, 1, heads, head_dim).transpose(1, 2) * self.scale
-        k = k.view(n, length, heads, head_dim).transpose(1, 2)
-        v = v.view(n, length, heads, head_dim).transpose(1, 2)
+        heads = [self.num_heads, self.head_dim]
+        q = self.q(self.norm_q(x.mean(1, keepdim=True))) + self.q_bias
+        k = self.k(self.norm_k(x)) + self.k_bias
+        v = self.v(self.norm_v(x)) + self.v_bias
+        q = q.unflatten(-1, heads).transpose(1, 2) * self.scale  # (N, heads, 1, head_dim)
+        k = k.unflatten(-1, heads).transpose(1, 2)  # (N, heads, L, head_dim)
+        v = v.unflatten(-1, heads).transpose(1, 2)
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, L)
-        out = (attn @ v).transpose(1, 2).reshape(n, dim)
+        out = (attn @ v).flatten(1)  # (N, dim): heads then head_dim, the 1 dimension dropped
         return self.proj(out)
 
 

@@ -465,3 +465,28 @@ if _EXTENSION_ERROR is None:
     torch.library.register_autograd(
         "internimage::dcnv3_backward", _no_double_backward, setup_context=_no_setup
     )
+
+
+# Fused float32 CPU inference ops (internimage.inference, forward only): fake kernels so that
+# torch.compile can trace a model after optimize_for_inference.
+if _EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("internimage::_dwconv_layernorm_gelu")
+    def _dwconv_layernorm_gelu_fake(input, conv_weight, conv_bias, norm_weight, norm_bias, eps):
+        if input.dim() != 4:
+            raise ValueError(
+                f"_dwconv_layernorm_gelu: input must be 4-D (N, H, W, C), got {input.dim()}-D"
+            )
+        return input.new_empty(input.shape)
+
+    @torch.library.register_fake("internimage::_dcnv3_mask_logits")
+    def _dcnv3_mask_logits_fake(
+        input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
+        group_channels, offset_scale, remove_center,
+    ):
+        if input.dtype != torch.float32:
+            raise ValueError(f"_dcnv3_mask_logits: input must be float32, got {input.dtype}")
+        return _dcnv3_fake(
+            input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
+            group_channels, offset_scale, remove_center,
+        )
