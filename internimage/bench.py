@@ -48,8 +48,8 @@ from internimage.cli_common import (
 )
 from internimage.commands import format_table
 
-__all__ = ["run_bench", "PeakMemory", "parse_dtype", "dcn_stage_shapes", "PATHS",
-           "gemm_peak_flops", "time_interleaved"]
+__all__ = ["run_bench", "PeakMemory", "parse_dtype", "dcn_stage_shapes", "PATHS", "model_case",
+           "prepare_case", "time_interleaved", "model_table", "gemm_peak_flops", "cpu_name"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -209,12 +209,12 @@ def _op_case(shape: dict[str, Any], impl: str, batch: int, dtype: torch.dtype,
     return Case("op", label, setup, batch, info)
 
 
-#: How a model runs: as built, after internimage.optimize_for_inference, or torch.compile'd
-#: (with Inductor freezing for inference, which folds the frozen weights into the graph).
-PATHS = ("eager", "optimized", "compiled")
+#: How a model runs: as built, after internimage.optimize_for_inference, torch.compile'd (with
+#: Inductor freezing for inference, which folds the frozen weights into the graph), or both.
+PATHS = ("eager", "optimized", "compiled", "optimized+compiled")
 
 
-def _model_case(name: str, path: str, batch: int, img_size: int, dtype: torch.dtype,
+def model_case(name: str, path: str, batch: int, img_size: int, dtype: torch.dtype,
                 device: torch.device, train: bool, channels_last: bool) -> Case:
     def setup() -> Callable[[], Any]:
         torch.manual_seed(0)
@@ -229,18 +229,18 @@ def _model_case(name: str, path: str, batch: int, img_size: int, dtype: torch.dt
                         dtype=torch.float32 if use_autocast else dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if path == "optimized":
+        if "optimized" in path:
             from internimage.inference import optimize_for_inference
 
             model = optimize_for_inference(model)
         runner: nn.Module | Callable = model
-        if path == "compiled":
+        if "compiled" in path:
             runner = torch.compile(model)
         if not train:
             def step() -> Any:
                 with torch.inference_mode():
                     return runner(x)
-            if path == "compiled":  # compiles now, with the weights frozen into the graph
+            if "compiled" in path:  # compiles now, with the weights frozen into the graph
                 import torch._inductor.config as inductor_config
 
                 with inductor_config.patch(freezing=True):
@@ -290,7 +290,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prepare_case(case: Case, device: torch.device, warmup: int,
+def prepare_case(case: Case, device: torch.device, warmup: int,
                   progress: Any) -> Callable[[], Any] | None:
     """Sets ``case`` up and warms it up; records its peak memory. None when it failed."""
     memory = PeakMemory(device)
@@ -360,7 +360,7 @@ def _environment(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
-        env["cpu"] = _cpu_name()
+        env["cpu"] = cpu_name()
         env["threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
         try:
@@ -370,7 +370,7 @@ def _environment(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
     return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -399,7 +399,7 @@ def parse_paths(value: str | None, train: bool) -> list[str]:
     if unknown or not paths:
         raise CommandError(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, "
                            f"got {value!r}")
-    if train and "optimized" in paths:
+    if train and any("optimized" in p for p in paths):
         raise CommandError("--paths: 'optimized' is inference-only (optimize_for_inference "
                            "freezes the model); use eager or compiled with --train")
     return list(dict.fromkeys(paths))
@@ -449,9 +449,9 @@ def run_bench(args: argparse.Namespace) -> int:
     model_names = [args.model] + ([compare] if compare else [])
     for name in model_names:
         for path in paths:
-            if path == "optimized" and not _is_internimage(name):
+            if "optimized" in path and not _is_internimage(name):
                 continue  # the transform is this package's; baselines run eager and compiled
-            cases.append(_model_case(name, path, args.batch_size, img_size, dtype, device,
+            cases.append(model_case(name, path, args.batch_size, img_size, dtype, device,
                                      args.train, args.channels_last))
 
     complexity: dict[str, dict[str, Any]] = {}
@@ -472,7 +472,7 @@ def run_bench(args: argparse.Namespace) -> int:
             steps = {}
             for case in (c for c in cases if c.part == part):
                 progress.set_description(f"set up {case.label}")
-                step = _prepare_case(case, device, warmup, progress)
+                step = prepare_case(case, device, warmup, progress)
                 if step is not None:
                     steps[case] = step
                 progress.update(1)

@@ -45,8 +45,8 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--paths", default=None,
                    help="how the models run, comma-separated: eager (as built), optimized "
                         "(internimage.optimize_for_inference, InternImage models only), "
-                        "compiled (torch.compile; Inductor freezing for inference) "
-                        "(default: all three; eager,compiled with --train)")
+                        "compiled (torch.compile; Inductor freezing for inference), "
+                        "optimized+compiled (default: all four; eager,compiled with --train)")
     p.add_argument("--train", action="store_true",
                    help="time forward+backward+AdamW step instead of inference")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")

@@ -222,6 +222,9 @@ class DCNv3(nn.Module):
         remove_center: drop the centre tap (odd kernels only).
         core_op: 'DCNv3' (compiled kernels, pure-PyTorch fallback when unavailable) or
             'DCNv3_pytorch' (always the pure-PyTorch reference).
+        dw_dilation: dilation of the offset branch's depthwise conv (1 in the original, whose
+            ``dilation`` applies to the core only); InternImage's dilated stages
+            (``output_stride`` 8 or 16) dilate both alike.
     """
 
     # TorchScript constants: the scripted module holds only the chosen core and branches.
@@ -243,12 +246,14 @@ class DCNv3(nn.Module):
         center_feature_scale: bool = False,
         remove_center: bool = False,
         core_op: str = "DCNv3",
+        dw_dilation: int = 1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         channels = _check_int("channels", channels, 1)
+        dw_dilation = _check_int("dw_dilation", dw_dilation, 1)
         kernel_size = _check_int("kernel_size", kernel_size, 1)
         group = _check_int("group", group, 1)
         stride = _check_int("stride", stride, 1)
@@ -307,8 +312,8 @@ class DCNv3(nn.Module):
 
         act = get_act_layer(act_layer)
         self.dw_conv = nn.Conv2d(
-            channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2,
-            groups=channels, **dd,
+            channels, channels, dw_kernel_size, padding=dw_dilation * (dw_kernel_size - 1) // 2,
+            dilation=dw_dilation, groups=channels, **dd,
         )
         self.dw_norm = norm_nchw(norm_layer, channels, **dd)
         self.dw_act = act()

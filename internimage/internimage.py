@@ -137,14 +137,17 @@ class InternImageStem(nn.Module):
 
 class InternImageDownsample(nn.Module):
     """Conv 3x3/2 without bias (C -> 2C) then norm: ``(N, C, H, W)`` -> ``(N, 2C, H/2, W/2)``,
-    NCHW with channels_last memory."""
+    NCHW with channels_last memory. In a dilated stage (``output_stride`` 8 or 16) the conv
+    keeps the resolution (``stride=1``) and is dilated like the stage before it."""
 
     def __init__(
-        self, in_chs: int, out_chs: int, norm_layer: str = "LN", device=None, dtype=None
+        self, in_chs: int, out_chs: int, norm_layer: str = "LN", stride: int = 2,
+        dilation: int = 1, device=None, dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd)
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=dilation,
+                              dilation=dilation, bias=False, **dd)
         self.norm = norm_nchw(norm_layer, out_chs, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,6 +193,8 @@ class InternImageBlock(nn.Module):
     * otherwise: ``x + dp(dcn(norm1(x)))``;
 
     and the same pattern for the MLP with ``norm2`` / ``gamma2`` / ``res_post_norm2``.
+    ``dilation`` dilates the DCNv3 sampling grid and its offset branch's depthwise conv (the
+    dilated stages of ``output_stride`` 8 and 16; 1 in the original).
     """
 
     # A TorchScript constant: the scripted block then holds only its own mode's branch.
@@ -212,6 +217,7 @@ class InternImageBlock(nn.Module):
         center_feature_scale: bool = False,
         remove_center: bool = False,
         core_op: str = "DCNv3",
+        dilation: int = 1,
         device=None,
         dtype=None,
     ) -> None:
@@ -219,10 +225,10 @@ class InternImageBlock(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
         self.dcn = DCNv3(
-            channels=dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1,
-            dilation=1, group=group, offset_scale=offset_scale, act_layer=act_layer,
+            channels=dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=dilation,
+            dilation=dilation, group=group, offset_scale=offset_scale, act_layer=act_layer,
             norm_layer=norm_layer, center_feature_scale=center_feature_scale,
-            remove_center=remove_center, core_op=core_op, **dd,
+            remove_center=remove_center, core_op=core_op, dw_dilation=dilation, **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
@@ -309,6 +315,9 @@ class InternImageStage(nn.Module):
         level_norm: bool,
         post_norm_block_ids: Sequence[int] | None = None,
         norm_layer: str = "LN",
+        downsample_stride: int = 2,
+        downsample_dilation: int = 1,
+        dilation: int = 1,
         device=None,
         dtype=None,
         **block_kwargs: Any,
@@ -317,12 +326,13 @@ class InternImageStage(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.grad_checkpointing = False
         self.downsample = (
-            InternImageDownsample(in_chs, out_chs, norm_layer=norm_layer, **dd)
+            InternImageDownsample(in_chs, out_chs, norm_layer=norm_layer,
+                                  stride=downsample_stride, dilation=downsample_dilation, **dd)
             if downsample else nn.Identity()
         )
         self.blocks = nn.Sequential(*[
             InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], norm_layer=norm_layer,
-                             **block_kwargs, **dd)
+                             dilation=dilation, **block_kwargs, **dd)
             for i in range(depth)
         ])
         if post_norm_block_ids:
@@ -856,8 +866,11 @@ class InternImage(nn.Module):
 
     timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
     the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
-    ``device``, ``dtype``. Unknown keywords are ignored with a warning (the original ignores
-    them silently).
+    ``output_stride`` (32, or 16 / 8 for dense prediction: the later stages keep the
+    resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
+    branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
+    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``device``, ``dtype``.
+    Unknown keywords are ignored with a warning (the original ignores them silently).
 
     Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
     ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
@@ -899,6 +912,7 @@ class InternImage(nn.Module):
         meta_dim: int | None = None,
         in_chans: int = 3,
         global_pool: str | None = None,
+        output_stride: int = 32,
         head_drop_rate: float = 0.0,
         device=None,
         dtype=None,
@@ -914,6 +928,9 @@ class InternImage(nn.Module):
         num_levels = len(depths)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if (isinstance(output_stride, bool) or not isinstance(output_stride, int)
+                or output_stride not in (8, 16, 32)):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if drop_path_type not in ("linear", "uniform"):
             raise ValueError(
                 f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}"
@@ -941,6 +958,7 @@ class InternImage(nn.Module):
         self.depths = depths
         self.use_clip_projector = use_clip_projector
         self.meta_dim = meta_dim
+        self.output_stride = output_stride
         self.level2_post_norm_block_ids = (
             list(level2_post_norm_block_ids) if level2_post_norm_block_ids is not None else None
         )
@@ -958,8 +976,17 @@ class InternImage(nn.Module):
         stages = []
         self.feature_info = []
         in_chs = channels
+        reduction, dilation = 4, 1
         for i in range(num_levels):
             out_chs = channels * 2**i
+            # Past output_stride a stage keeps its input's resolution and dilates instead:
+            # its downsampling conv as much as the stage before, its blocks twice as much.
+            downsample_stride, downsample_dilation = 2, 1
+            if i > 0 and reduction >= output_stride:
+                downsample_stride, downsample_dilation = 1, dilation
+                dilation *= 2
+            elif i > 0:
+                reduction *= 2
             stages.append(InternImageStage(
                 in_chs, out_chs, depths[i], groups[i], downsample=i > 0,
                 drop_path_rates=dpr[sum(depths[:i]):sum(depths[:i + 1])],
@@ -971,10 +998,12 @@ class InternImage(nn.Module):
                 act_layer=act_layer, post_norm=post_norm, layer_scale=layer_scale,
                 offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
                 res_post_norm=res_post_norm, center_feature_scale=center_feature_scale,
-                remove_center=remove_center, core_op=core_op, **dd,
+                remove_center=remove_center, core_op=core_op,
+                downsample_stride=downsample_stride, downsample_dilation=downsample_dilation,
+                dilation=dilation, **dd,
             ))
             self.feature_info.append(
-                dict(num_chs=out_chs, reduction=4 * 2**i, module=f"stages.{i}")
+                dict(num_chs=out_chs, reduction=reduction, module=f"stages.{i}")
             )
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
