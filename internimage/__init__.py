@@ -18,6 +18,7 @@ from internimage.internimage import (
     encode_inat_metadata,
     imagenet22k_to_1k_indices,
 )
+from internimage.layer_decay import param_groups_layer_decay
 
 __version__ = "0.1.0"
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "load_original_checkpoint",
     "export_onnx",
     "optimize_for_inference",
+    "param_groups_layer_decay",
     "__version__",
 ]

@@ -101,7 +101,19 @@ SPATIAL_FEATURES = 3
 # Layers
 
 
-class InternImageStem(nn.Module):
+class _StaysEvalWhenFrozen(nn.Module):
+    """A part of the model that :meth:`InternImage.freeze_stages` can freeze: once
+    ``frozen``, ``train()`` leaves it in eval mode (as the original's det/seg backbones
+    re-apply after every ``train()``), also when a wrapper such as timm's feature extractor
+    calls ``train()`` on it directly."""
+
+    frozen = False
+
+    def train(self, mode: bool = True) -> nn.Module:
+        return super().train(mode and not self.frozen)
+
+
+class InternImageStem(_StaysEvalWhenFrozen):
     """Stem: conv 3x3/2 (C/2) -> norm -> act -> conv 3x3/2 (C) -> norm -> dropout.
 
     Input ``(N, in_chans, H, W)`` NCHW (any memory format); output ``(N, C, ceil(H/4),
@@ -296,7 +308,7 @@ class InternImageBlock(nn.Module):
         return x + self.drop_path(self._ffn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
-class InternImageStage(nn.Module):
+class InternImageStage(_StaysEvalWhenFrozen):
     """One stage: optional downsample, blocks, optional post norms and level norm.
 
     Input ``(N, C_in, H, W)`` NCHW (channels_last memory); output ``(N, C, H', W')`` NCHW with
@@ -869,7 +881,8 @@ class InternImage(nn.Module):
     ``output_stride`` (32, or 16 / 8 for dense prediction: the later stages keep the
     resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
     branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
-    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``device``, ``dtype``.
+    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``frozen_stages`` (the
+    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``.
     Unknown keywords are ignored with a warning (the original ignores them silently).
 
     Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
@@ -913,6 +926,7 @@ class InternImage(nn.Module):
         in_chans: int = 3,
         global_pool: str | None = None,
         output_stride: int = 32,
+        frozen_stages: int = -1,
         head_drop_rate: float = 0.0,
         device=None,
         dtype=None,
@@ -1035,6 +1049,7 @@ class InternImage(nn.Module):
                 module.reset_parameters()
         if with_cp:
             self.set_grad_checkpointing(True)
+        self.freeze_stages(frozen_stages)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -1071,6 +1086,29 @@ class InternImage(nn.Module):
                 )
         blocks.append((r"^stages\.(\d+)\.norm\.", (99999,)))
         return dict(stem=r"^stem", blocks=blocks)
+
+    @torch.jit.ignore
+    def freeze_stages(self, num_stages: int) -> None:
+        """Freezes the stem and the first ``num_stages`` stages, unfreezes the rest (the det/seg
+        backbones' ``frozen_stages``; -1 or 0 freezes nothing).
+
+        Frozen parts get ``requires_grad=False`` and stay in eval mode through later
+        ``train()`` calls, as in the original. One deliberate difference: the original never
+        freezes the stem (``patch_embed``), so with frozen stages the stem kept training on
+        gradients that had to flow back through every frozen stage, which then saved no
+        backward compute. Here ``num_stages >= 1`` freezes the stem too, as frozen_stages does
+        for mmdet's ResNet (whose stage 0 is its stem). The released det/seg configs freeze
+        nothing, so their results are unaffected.
+        """
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not (
+                -1 <= num_stages <= len(self.stages)):
+            raise ValueError(
+                f"num_stages must be an int in [-1, {len(self.stages)}], got {num_stages!r}")
+        for index, part in enumerate([self.stem, *self.stages]):
+            frozen = num_stages > 0 and index <= num_stages
+            part.frozen = frozen
+            part.requires_grad_(not frozen)
+            part.train(self.training)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -91,3 +91,117 @@ def test_torchvision_fx_feature_extraction_every_variant(name: str) -> None:
         torch.testing.assert_close(out["out"], model(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out["c3"], model.forward_intermediates(x)[1][1], rtol=1e-5,
                                    atol=1e-5)
+
+
+# --- freeze_stages -----------------------------------------------------------------------
+
+
+def test_freeze_stages_freezes_stem_and_first_stages_and_keeps_them_in_eval() -> None:
+    model = tiny(drop_rate=0.1)
+    model.freeze_stages(2)
+    model.train()
+    frozen = [model.stem, model.stages[0], model.stages[1]]
+    for part in frozen:
+        assert not part.training and not any(m.training for m in part.modules())
+        assert not any(p.requires_grad for p in part.parameters())
+    for part in (model.stages[2], model.stages[3], model.head):
+        assert part.training and all(p.requires_grad for p in part.parameters())
+    # frozen stages get no gradient; the rest do
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for part in frozen for p in part.parameters())
+    assert all(p.grad is not None for p in model.stages[3].parameters())
+    model.freeze_stages(0)  # unfreezes everything
+    model.train()
+    assert all(p.requires_grad for p in model.parameters()) and model.stem.training
+
+
+def test_frozen_stages_keyword_survives_the_feature_extractor_train_call() -> None:
+    features = timm.create_model("internimage_t", features_only=True, frozen_stages=1)
+    features.train()
+    assert not features.stem.training and not features.stages_0.training
+    assert features.stages_1.training
+    assert not any(p.requires_grad for p in features.stages_0.parameters())
+
+
+@pytest.mark.parametrize("value", [-2, 5, 1.0, True])
+def test_freeze_stages_rejects_bad_values(value) -> None:
+    with pytest.raises(ValueError, match="num_stages must be an int in"):
+        tiny().freeze_stages(value)
+
+
+# --- layer-wise LR decay (the original det/seg rule) ------------------------------------
+
+
+class Detector(torch.nn.Module):
+    """A backbone with a stand-in neck and head, as det/seg frameworks nest it."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = torch.nn.Conv2d(128, 16, 1)
+        self.head = torch.nn.Linear(16, 3)
+
+
+def _ids_and_scales(groups: list[dict]) -> dict[str, tuple[int, float, float]]:
+    return {name: (g["layer_id"], g["lr_scale"], g["weight_decay"])
+            for g in groups for name in g["param_names"]}
+
+
+def test_layer_decay_follows_the_original_layer_ids() -> None:
+    from internimage import param_groups_layer_decay
+
+    model = Detector(tiny(layer_scale=1.0))  # depths 1-1-2-1: L = 7, neck/head id 6
+    groups = param_groups_layer_decay(model, "backbone.", rate=0.5, weight_decay=0.05)
+    table = _ids_and_scales(groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    expected_ids = {
+        "backbone.stem.conv1.weight": 0,
+        "backbone.stages.0.blocks.0.dcn.offset.weight": 1,
+        "backbone.stages.0.norm.weight": 2,  # levels.0.norm: 1 + depths[0]
+        "backbone.stages.1.downsample.conv.weight": 2,  # levels.0.downsample
+        "backbone.stages.1.blocks.0.mlp.fc1.weight": 2,
+        "backbone.stages.2.blocks.1.gamma1": 4,
+        "backbone.stages.3.downsample.conv.weight": 5,  # levels.2.downsample
+        "backbone.stages.2.norm.bias": 5,
+        "backbone.stages.3.blocks.0.dcn.input_proj.weight": 5,
+        "backbone.stages.3.norm.weight": 5,  # the original's quirk: stage 2's id
+        "backbone.head.fc.weight": 6,  # a head inside the backbone counts as "everything else"
+        "neck.weight": 6,
+        "head.bias": 6,
+    }
+    for name, layer in expected_ids.items():
+        assert table[name][0] == layer, name
+        assert table[name][1] == pytest.approx(0.5 ** (6 - layer)), name
+    # no weight decay: 1-D parameters, biases, norms; decay for matrices and conv kernels
+    assert table["backbone.stages.2.blocks.1.gamma1"][2] == 0.0
+    assert table["neck.bias"][2] == 0.0 and table["head.bias"][2] == 0.0
+    assert table["backbone.stages.0.blocks.0.dcn.dw_norm.weight"][2] == 0.0
+    assert table["backbone.stages.0.blocks.0.dcn.offset.weight"][2] == 0.05
+    assert table["neck.weight"][2] == 0.05
+    assert [g["layer_id"] for g in groups] == sorted(g["layer_id"] for g in groups)
+
+
+def test_layer_decay_on_a_timm_feature_extractor_and_frozen_parameters() -> None:
+    from internimage import param_groups_layer_decay
+
+    features = timm.create_model("internimage_t", features_only=True, frozen_stages=1)
+    groups = param_groups_layer_decay(Detector(features), rate=0.9)
+    table = _ids_and_scales(groups)
+    assert not any(name.startswith(("backbone.stem.", "backbone.stages_0."))
+                   for name in table)  # frozen: left out
+    assert table["backbone.stages_1.blocks.0.norm1.weight"][0] == 1 + 4
+    assert table["backbone.stages_3.norm.weight"][0] == 1 + 4 + 4 + 18
+    assert table["neck.weight"][:2] == (31, 1.0)  # T: L = 30 + 2
+    direct = _ids_and_scales(param_groups_layer_decay(features, backbone_prefix=""))
+    assert direct["stages_2.blocks.17.mlp.fc2.weight"][0] == 1 + 4 + 4 + 17
+
+
+def test_layer_decay_checks_its_arguments() -> None:
+    from internimage import param_groups_layer_decay
+
+    with pytest.raises(ValueError, match="backbone_prefix='encoder.'"):
+        param_groups_layer_decay(Detector(tiny()), backbone_prefix="encoder.")
+    with pytest.raises(ValueError, match="rate must be"):
+        param_groups_layer_decay(Detector(tiny()), rate=1.5)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        param_groups_layer_decay({}, rate=0.9)
