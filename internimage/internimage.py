@@ -1449,7 +1449,29 @@ def checkpoint_filter_fn(
 # Registration
 
 
+def _check_out_indices(out_indices: Any, levels: int) -> None:
+    """A features_only ``out_indices`` that indexes the model's ``levels`` stages; ValueError
+    otherwise (timm would fail later with a bare IndexError)."""
+    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+        if not 0 < out_indices <= levels:
+            raise ValueError(
+                f"out_indices as an int takes the last n of InternImage's {levels} stages, "
+                f"so 1..{levels}, got {out_indices}")
+        return
+    indices = list(out_indices)
+    bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int)
+           or not -levels <= i < levels]
+    if bad or not indices:
+        raise ValueError(
+            f"out_indices must index InternImage's {levels} stages (0..{levels - 1}, strides "
+            f"4, 8, 16, 32), got {tuple(indices)}; DETR-style configs use (1, 2, 3, 4) for "
+            f"ResNet's five levels (stem included): pass out_indices=(1, 2, 3) for the same "
+            f"strides 8, 16, 32")
+
+
 def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
+    if kwargs.get("features_only") and kwargs.get("out_indices") is not None:
+        _check_out_indices(kwargs["out_indices"], len(kwargs.get("depths", (0,) * 4)))
     if pretrained and kwargs.get("num_classes") == IN1K_NUM_CLASSES:
         cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"),
                                      kwargs.get("pretrained_cfg_overlay"))
