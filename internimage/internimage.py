@@ -26,6 +26,7 @@ stage activations are contiguous NHWC, so every Linear runs without a permute an
 # No ``from __future__ import annotations`` here: torch.fx copies the root ``forward``'s
 # annotations into the code it generates, and TorchScript cannot resolve them as strings
 # (timm's scripted FX feature extractor).
+import logging
 import numbers
 import re
 from collections.abc import Mapping, Sequence
@@ -78,6 +79,8 @@ __all__ = [
     "dcn_offset_param_names",
     "imagenet22k_to_1k_indices",
 ]
+
+_logger = logging.getLogger("internimage")
 
 # Constants of the original clip-projector head (hard-coded there as well).
 CLIP_EMBED_DIM = 1024
@@ -1321,6 +1324,30 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     return state_dict
 
 
+def _backbone_only(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``backbone.*`` entries of a detection/segmentation checkpoint (mmdet/mmseg layout:
+    ``backbone.``, ``neck.``, ``decode_head.``, ``roi_head.``, ...; possibly under ``module.``);
+    the rest is reported in one line (logger ``internimage``) and dropped. Other dicts are
+    returned as they are."""
+    def top(key: str) -> str:
+        key = key[len("module."):] if key.startswith("module.") else key
+        return key.split(".", 1)[0]
+
+    if not any(top(k) == "backbone" for k in state_dict):
+        return state_dict
+    dropped: dict[str, int] = {}
+    for key in state_dict:
+        if top(key) != "backbone":
+            dropped[top(key)] = dropped.get(top(key), 0) + 1
+    if dropped:
+        _logger.info(
+            "internimage: loading the backbone of a detection/segmentation checkpoint; dropped "
+            "%d keys of %s", sum(dropped.values()),
+            ", ".join(f"{name} ({count})" for name, count in sorted(dropped.items())),
+        )
+    return {k: v for k, v in state_dict.items() if top(k) == "backbone"}
+
+
 def _strip_prefixes(key: str) -> str:
     changed = True
     while changed:
@@ -1413,7 +1440,7 @@ def checkpoint_filter_fn(
     """
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-    state_dict = _unwrap(state_dict)
+    state_dict = _backbone_only(_unwrap(state_dict))
     out = {_strip_prefixes(k): v for k, v in state_dict.items()}
     if not any(k.startswith(("stem.", "stages.")) for k in out):  # else: already this layout
         out = {_convert_key(k): v for k, v in out.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import to_original_layout
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import internimage  # noqa: F401  (registers the models)
@@ -205,3 +206,44 @@ def test_layer_decay_checks_its_arguments() -> None:
         param_groups_layer_decay(Detector(tiny()), rate=1.5)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         param_groups_layer_decay({}, rate=0.9)
+
+
+# --- original det/seg checkpoints into a features_only model ------------------------------
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "model", "raw", "module_prefix"])
+def test_det_seg_checkpoint_loads_into_features_only(tmp_path, caplog, wrap: str) -> None:
+    """An mmdet/mmseg-layout file (backbone with the original's key names, layer scale 1.0 as
+    in the det configs, plus neck and heads) through timm's pretrained-file path: the
+    backbone loads, the rest is reported in one line and dropped, no unexpected-key warning."""
+    import logging
+
+    source = timm.create_model("internimage_t", num_classes=0, layer_scale=1.0)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.1)
+    backbone = {f"backbone.{k}": v for k, v in to_original_layout(source.state_dict()).items()}
+    extra = {"neck.lateral_convs.0.conv.weight": torch.zeros(4, 64, 1, 1),
+             "decode_head.conv_seg.weight": torch.zeros(3, 4, 1, 1),
+             "decode_head.conv_seg.bias": torch.zeros(3),
+             "auxiliary_head.conv_seg.weight": torch.zeros(3, 4, 1, 1)}
+    state = {**backbone, **extra}
+    if wrap == "module_prefix":
+        state = {f"module.{k}": v for k, v in state.items()}
+    payload = state if wrap in ("raw", "module_prefix") else {wrap: state, "meta": {"epoch": 3}}
+    path = tmp_path / "upernet_internimage_t.pth"
+    torch.save(payload, path)
+    with caplog.at_level(logging.INFO):
+        features = timm.create_model("internimage_t", features_only=True, pretrained=True,
+                                     layer_scale=1.0,
+                                     pretrained_cfg_overlay=dict(file=str(path)))
+    reports = [r.getMessage() for r in caplog.records if "dropped 4 keys" in r.getMessage()]
+    assert reports == ["internimage: loading the backbone of a detection/segmentation "
+                       "checkpoint; dropped 4 keys of auxiliary_head (1), decode_head (2), "
+                       "neck (1)"]
+    assert not [r for r in caplog.records if "Unexpected keys" in r.getMessage()]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, ref in zip(features.eval()(x), source.eval().forward_intermediates(
+                x, intermediates_only=True), strict=True):
+            torch.testing.assert_close(ours, ref, rtol=0, atol=0)

@@ -9,6 +9,7 @@ import pytest
 import timm
 import timm.optim
 import torch
+from conftest import to_original_layout
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -417,38 +418,6 @@ def test_bfloat16_autocast() -> None:
 
 
 # --- pretrained loading from a local original checkpoint ------------------------------------
-
-
-_TO_ORIGINAL = [  # inverse of the filter, written independently for the test
-    (r"^stem\.(conv[12])\.", r"patch_embed.\1."),
-    (r"^stem\.(norm[12])\.", r"patch_embed.\1.1."),
-    (r"^stages\.(\d+)\.downsample\.conv\.",
-     lambda m: f"levels.{int(m.group(1)) - 1}.downsample.conv."),
-    (r"^stages\.(\d+)\.downsample\.norm\.",
-     lambda m: f"levels.{int(m.group(1)) - 1}.downsample.norm.1."),
-    (r"^stages\.(\d+)\.norm\.", r"levels.\1.norm.0."),
-    (r"^stages\.(\d+)\.post_norms\.(\d+)\.", r"levels.\1.post_norms.\2.0."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.(norm[12]|res_post_norm[12])\.",
-     r"levels.\1.blocks.\2.\3.0."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.dcn\.dw_conv\.", r"levels.\1.blocks.\2.dcn.dw_conv.0."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.dcn\.dw_norm\.", r"levels.\1.blocks.\2.dcn.dw_conv.1.1."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"levels.\1.blocks.\2."),
-    (r"^head\.conv\.", "conv_head.0."),
-    (r"^head\.norm\.", "conv_head.1.0."),
-    (r"^head\.fc\.", "head."),
-]
-
-
-def to_original_layout(state_dict: dict) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in _TO_ORIGINAL:
-            new, count = re.subn(pattern, replacement, key, count=1)
-            if count:
-                key = new
-                break
-        out[key] = value
-    return out
 
 
 def test_pretrained_from_local_original_checkpoint(tmp_path: Path) -> None:
