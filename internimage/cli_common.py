@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from internimage.cli.errors import CommandError, one_line
+
 __all__ = [
     "CommandError",
     "atomic_path",
@@ -35,16 +37,6 @@ __all__ = [
 
 #: Name of the bare :class:`internimage.InternImage` class, built from ``model.kwargs`` alone.
 CUSTOM_MODEL = "internimage"
-
-
-class CommandError(Exception):
-    """A user-facing error: the CLI prints it on one line (no traceback) and exits with 1."""
-
-
-def one_line(text: str) -> str:
-    """Collapses a message onto one line (newlines become '; ')."""
-    parts = [part.strip() for part in str(text).splitlines() if part.strip()]
-    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

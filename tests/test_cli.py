@@ -209,7 +209,7 @@ def test_predict_converted_original_matches_golden_logits(
     assert code == 0, err
     assert "wrote" in stdout and converted.is_file()
 
-    from internimage.commands import model_from_checkpoint
+    from internimage.cli.common import model_from_checkpoint
 
     model, _ = model_from_checkpoint(None, str(converted), False, torch.device("cpu"))
     with torch.no_grad():
