@@ -1,4 +1,5 @@
-"""Safe loading of original InternImage checkpoints and conversion to safetensors.
+"""Checkpoints: safe loading of original InternImage files, strict loading into a model,
+safetensors saving and conversion.
 
 Original ``.pth`` files (``OpenGVLab/InternImage`` on the Hugging Face hub) are a dict with the
 state dict under ``'model'``; training checkpoints also carry optimizer state and a pickled
@@ -17,14 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from internimage.files import atomic_path
 from internimage.internimage import _WRAPPER_KEYS, _unwrap, checkpoint_filter_fn
 
 __all__ = [
     "UnsafeCheckpointError",
     "load_checkpoint_file",
     "load_original_checkpoint",
+    "read_safetensors_metadata",
+    "checkpoint_num_classes",
+    "state_dict_mismatches",
+    "load_weights",
+    "save_safetensors",
     "convert_checkpoint",
 ]
 
@@ -128,9 +135,139 @@ def load_original_checkpoint(
     return tensors
 
 
-def _num_classes(state_dict: Mapping[str, Tensor]) -> int:
-    weight = state_dict.get("head.fc.weight")
-    return int(weight.shape[0]) if weight is not None else 0
+def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file ({} for other files).
+
+    Raises:
+        ValueError: the file ends in '.safetensors' but its header cannot be read.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # a corrupt header
+        message = " ".join(str(error).split())
+        raise ValueError(f"'{path}': not a readable safetensors file ({message})") from error
+
+
+def checkpoint_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
+    """The classifier size of a (converted) state dict, or None when it has no classifier."""
+    for key in ("head.fc.weight", "head.weight", "fc.weight", "classifier.weight"):
+        value = state_dict.get(key)
+        if isinstance(value, Tensor) and value.ndim == 2:
+            return int(value.shape[0])
+    return None
+
+
+def state_dict_mismatches(
+    state_dict: Mapping[str, Tensor], expected: Mapping[str, Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """``(missing keys, unexpected keys, 'key: (checkpoint shape) vs (model shape)')``."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and isinstance(v, Tensor) and v.shape != expected[k].shape
+    ]
+    return missing, unexpected, mismatched
+
+
+def _first(items: list[str]) -> str:
+    return f"{len(items)} {items[:4]}{' ...' if len(items) > 4 else ''}"
+
+
+def _classifier_prefix(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier")
+    if isinstance(classifier, str) and classifier:
+        return classifier
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):  # a bare model without a pretrained_cfg
+        head = get_classifier()
+        for name, module in model.named_modules():
+            if module is head and name and not isinstance(head, nn.Identity):
+                return name
+    return None
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    source: str = "state_dict",
+    allow_head_reset: bool = False,
+) -> list[str]:
+    """Loads (original-layout or converted) weights into ``model``, strictly.
+
+    The keys pass through :func:`internimage.checkpoint_filter_fn` for InternImage models.
+    With ``allow_head_reset`` a classifier of another size is skipped (the model keeps its
+    freshly initialised head); the returned notes say so.
+
+    Raises:
+        ValueError: a missing or unexpected key or a shape mismatch (named, with ``source``),
+            or a classifier of another size without ``allow_head_reset``.
+    """
+    from internimage.internimage import InternImage
+
+    notes: list[str] = []
+    if isinstance(model, InternImage):
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    state_dict = dict(state_dict)
+    target = model.state_dict()
+    classifier = _classifier_prefix(model)
+    if classifier is not None:
+        weight = state_dict.get(f"{classifier}.weight")
+        own = target.get(f"{classifier}.weight")
+        if weight is not None and own is not None and weight.shape[0] != own.shape[0]:
+            if not allow_head_reset:
+                raise ValueError(
+                    f"{source}: its classifier has {weight.shape[0]} classes, the model "
+                    f"{own.shape[0]}; build the model with num_classes={weight.shape[0]}"
+                )
+            for key in [k for k in state_dict if k.startswith(f"{classifier}.")]:
+                del state_dict[key]
+            notes.append(
+                f"the checkpoint's head has {weight.shape[0]} classes but --num-classes is "
+                f"{own.shape[0]}: the classifier head '{classifier}' was re-initialised"
+            )
+    missing, unexpected, bad_shapes = state_dict_mismatches(state_dict, target)
+    if bad_shapes:
+        raise ValueError(f"{source}: tensor shapes do not match the model (checkpoint vs "
+                         f"model): {_first(bad_shapes)}")
+    if notes:  # the re-initialised head is expected to be missing
+        missing = [k for k in missing if not k.startswith(f"{classifier}.")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: does not match the model: missing keys {_first(missing)}, "
+                         f"unexpected keys {_first(unexpected)}")
+    model.load_state_dict(state_dict, strict=False)
+    return notes
+
+
+def save_safetensors(
+    path: PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None
+) -> None:
+    """Atomically saves ``state_dict`` as safetensors (on the CPU, contiguous, cloning tensors
+    that share storage, which safetensors refuses) with string metadata (other values are
+    JSON-encoded)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        value = value.detach().to("cpu").contiguous()
+        if value.untyped_storage().data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        tensors[key] = value
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def convert_checkpoint(
@@ -161,8 +298,6 @@ def convert_checkpoint(
         The ``dst`` path.
     """
     import timm
-    from safetensors.torch import save_file
-
 
     if not isinstance(model_name, str) or not timm.is_model(model_name):
         raise ValueError(f"model_name must be a registered timm model name, got {model_name!r}")
@@ -170,37 +305,18 @@ def convert_checkpoint(
     if dst.suffix != ".safetensors":
         raise ValueError(f"dst must end in '.safetensors', got '{dst}'")
     state_dict = checkpoint_filter_fn(load_original_checkpoint(src, use_ema, "cpu", safe_globals))
-    model_kwargs.setdefault("num_classes", _num_classes(state_dict))
+    model_kwargs.setdefault("num_classes", checkpoint_num_classes(state_dict) or 0)
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False, **model_kwargs)
     state_dict = checkpoint_filter_fn(state_dict, model)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape
-    ]
+    missing, unexpected, mismatched = state_dict_mismatches(state_dict, model.state_dict())
     if missing or unexpected or mismatched:
-        def _first(items: list[str]) -> str:
-            return f"{len(items)} {items[:4]}{' ...' if len(items) > 4 else ''}"
-
         raise ValueError(
             f"'{src}' does not match {model_name} (model kwargs {model_kwargs}): missing keys "
             f"{_first(missing)}, unexpected keys {_first(unexpected)}, shape mismatches "
             f"(checkpoint vs model) {_first(mismatched)}"
         )
-    tensors: dict[str, Tensor] = {}
-    seen_storages: set[int] = set()
-    for key, value in state_dict.items():
-        value = value.detach().contiguous()
-        storage = value.untyped_storage().data_ptr()
-        if storage in seen_storages:  # safetensors refuses tensors that share memory
-            value = value.clone()
-        seen_storages.add(value.untyped_storage().data_ptr())
-        tensors[key] = value
-    dst.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "model_name": model_name, "source": Path(src).name,
                 "num_classes": str(model_kwargs["num_classes"])}
-    save_file(tensors, str(dst), metadata=metadata)
+    save_safetensors(dst, state_dict, metadata)
     return dst

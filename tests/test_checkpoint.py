@@ -363,3 +363,53 @@ def test_convert_fills_layer_scale_for_t_checkpoints(tmp_path: Path) -> None:
     assert torch.equal(tensors["stages.3.blocks.0.gamma2"], torch.ones(128))
     model = InternImage(**config)
     model.load_state_dict(tensors)
+
+
+# --- strict loading, num_classes, safetensors (library API, no CLI errors) -----------------------
+
+
+def test_load_weights_is_strict_and_raises_value_error(golden_b: dict) -> None:
+    from internimage.checkpoint import checkpoint_num_classes, load_weights
+
+    sd = golden_b["state_dict"]
+    model = model_for(golden_b).double()
+    assert checkpoint_num_classes(checkpoint_filter_fn(sd, model)) == \
+        golden_b["config"]["num_classes"]
+    assert checkpoint_num_classes({"stem.conv1.weight": torch.zeros(1)}) is None
+    assert load_weights(model, sd) == []  # original layout, through the filter
+    assert_same_state(model.state_dict(), {k: v.to(model.state_dict()[k].dtype)
+                                           for k, v in checkpoint_filter_fn(sd, model).items()})
+
+    wider = model_for(golden_b, channels=golden_b["config"]["channels"] * 2)
+    with pytest.raises(ValueError, match="shapes do not match") as info:
+        load_weights(wider, sd, source="b.pth")
+    assert str(info.value).startswith("b.pth: ")
+    with pytest.raises(ValueError, match="missing keys 1 .'stem.conv1.weight'."):
+        load_weights(model_for(golden_b), {k: v for k, v in sd.items()
+                                           if k != "patch_embed.conv1.weight"})
+    other_head = model_for(golden_b, num_classes=3)
+    with pytest.raises(ValueError, match="num_classes=10"):
+        load_weights(other_head, sd)
+    (note,) = load_weights(other_head, sd, allow_head_reset=True)
+    assert "re-initialised" in note
+
+
+def test_save_safetensors_shared_storage_and_metadata(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from internimage.checkpoint import read_safetensors_metadata, save_safetensors
+
+    base = torch.arange(6.0)
+    path = tmp_path / "shared.safetensors"
+    save_safetensors(path, {"a": base, "b": base[:3], "c": base.view(2, 3).t()},
+                     {"name": "x", "kwargs": {"depths": [1, 2]}})
+    tensors = load_file(str(path))
+    assert torch.equal(tensors["b"], base[:3]) and tensors["c"].is_contiguous()
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"name": "x", "kwargs": '{"depths": [1, 2]}'}
+    assert read_safetensors_metadata(path)["name"] == "x"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        read_safetensors_metadata(corrupt)

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from internimage.checkpoint import checkpoint_num_classes
 from internimage.cli.errors import CommandError, one_line
 from internimage.cli_common import (
     build_model,
     check_model_name,
-    checkpoint_num_classes,
     hub_reachable,
     load_state_dict_file,
     load_weights,

@@ -27,13 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Original ``.pth`` -> safetensors in this package's layout."""
-    from internimage.checkpoint import UnsafeCheckpointError, convert_checkpoint
-    from internimage.cli_common import (
-        atomic_path,
-        check_model_name,
-        read_safetensors_metadata,
-        save_safetensors,
-    )
+    from internimage.checkpoint import UnsafeCheckpointError, convert_checkpoint, save_safetensors
+    from internimage.cli_common import check_model_name, read_safetensors_metadata
+    from internimage.files import atomic_path
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_file():

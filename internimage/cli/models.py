@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     """Variants, pretrained tags, params, FLOPs, input size, channels."""
     import timm
 
-    from internimage.cli_common import atomic_write_text
+    from internimage.files import atomic_write_text
     from internimage.flops import model_complexity
 
     names = timm.list_models("internimage_*", pretrained=True, include_tags=True)

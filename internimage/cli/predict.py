@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 
-    from internimage.cli_common import atomic_write_text, resolve_device
+    from internimage.cli_common import resolve_device
+    from internimage.files import atomic_write_text
 
     for path in args.images:
         if not Path(path).is_file():
