@@ -103,12 +103,14 @@ _CHOICES = {
 
 
 def config_dir() -> Path:
-    """The ``configs/`` folder beside the package (a source checkout / editable install)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    """The recipes shipped inside the package (``internimage/configs/``, package data, so
+    installed wheels have them too)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe path from a name in ``configs/`` (with or without '.yaml') or a file path."""
+    """A recipe path from a name in :func:`config_dir` (with or without '.yaml') or a file
+    path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path

@@ -10,12 +10,12 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="fine-tune / train on an image folder or the embedded digits data",
-        description="Trains or fine-tunes a model from a YAML recipe (configs/). Without "
-                    "--data it trains a small InternImage on scikit-learn's bundled digits. "
-                    "Runs under torchrun for multi-process (DDP) training.")
+        description="Trains or fine-tunes a model from a YAML recipe (internimage/configs/). "
+                    "Without --data it trains a small InternImage on scikit-learn's bundled "
+                    "digits. Runs under torchrun for multi-process (DDP) training.")
     p.add_argument("--config", default=None,
-                   help="recipe name in configs/ or a YAML path (default: digits_tiny without "
-                        "--data, else <model>_ft)")
+                   help="recipe name in internimage/configs/ or a YAML path (default: "
+                        "digits_tiny without --data, else <model>_ft)")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="ImageFolder root with train/ and val/ (data.dir)")
     p.add_argument("--model", default=None,
