@@ -3,16 +3,22 @@ safetensors saving and conversion.
 
 Original ``.pth`` files (``OpenGVLab/InternImage`` on the Hugging Face hub) are a dict with the
 state dict under ``'model'``; training checkpoints also carry optimizer state and a pickled
-yacs ``config``. Loading is always ``torch.load(weights_only=True)``: a file that carries
-pickled Python objects is refused with an explanation and a way out; it is never re-loaded
-with ``weights_only=False`` behind the caller's back, because unpickling arbitrary objects can
-execute code from the file.
+yacs ``config``, which loads as a plain dict through an inert stand-in
+(:data:`ORIGINAL_CHECKPOINT_GLOBALS`). Loading is always ``torch.load(weights_only=True)``: a
+file that pickles any other Python global is refused with an error that names the globals
+and offers only safe ways out, because unpickling arbitrary objects can execute code from the
+file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
+import re
+import zipfile
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ from internimage.internimage import _WRAPPER_KEYS, _unwrap, checkpoint_filter_fn
 
 __all__ = [
     "UnsafeCheckpointError",
+    "ORIGINAL_CHECKPOINT_GLOBALS",
     "load_checkpoint_file",
     "load_original_checkpoint",
     "read_safetensors_metadata",
@@ -38,34 +45,103 @@ __all__ = [
 PathLike = str | os.PathLike
 
 
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint holds pickled Python objects that ``weights_only=True`` refuses to load."""
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint pickles Python globals that ``torch.load(weights_only=True)`` refuses; the
+    message names them and offers only safe ways out."""
 
 
-def _refusal_message(path: Path, error: Exception) -> str:
-    detail = str(error).strip()
-    for line in detail.splitlines():  # torch names the blocked global on one of its lines
-        if "WeightsUnpickler error" in line or "Unsupported global" in line:
-            detail = line.strip()
+class _YacsCfgNode:
+    """Unpickles as ``yacs.config.CfgNode`` (the training config that the original
+    ``save_checkpoint`` stores under 'config'): builds an ``OrderedDict`` (one of the few types
+    ``weights_only`` may fill and set attributes on), so neither yacs nor code from the file
+    runs."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrderedDict:
+        return OrderedDict()
+
+
+#: The globals original InternImage checkpoints carry besides tensors: the yacs config class,
+#: mapped to an inert stand-in. Every load here allows them; with plain ``torch.load``:
+#: ``with torch.serialization.safe_globals(ORIGINAL_CHECKPOINT_GLOBALS): torch.load(...)``.
+ORIGINAL_CHECKPOINT_GLOBALS: list[tuple[Any, str]] = [(_YacsCfgNode, "yacs.config.CfgNode")]
+
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]*)")  # both spellings torch uses
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
+               "SHORT_BINUNICODE", "BINUNICODE8"}
+
+
+def _pickle_globals(data: bytes) -> list[str]:
+    """'module.name' of the GLOBAL / STACK_GLOBAL opcodes in the pickles at the start of
+    ``data``. ``pickletools`` only disassembles: nothing is constructed or called."""
+    names: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        strings: list[str] = []
+        memo: dict[int, Any] = {}
+        last: Any = None
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                if opcode.name in _STRING_OPS:
+                    last = str(arg)
+                    strings.append(last)
+                elif opcode.name == "MEMOIZE":
+                    memo[len(memo)] = last
+                elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = last
+                elif opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+                    last = memo.get(int(arg))
+                    if isinstance(last, str):
+                        strings.append(last)
+                else:
+                    last = None
+        except Exception:  # storage bytes after a legacy torch.save pickle, or garbage
             break
-    else:
-        detail = detail.splitlines()[0] if detail else type(error).__name__
+    return names
+
+
+def _allowed_global_names() -> set[str]:
+    try:  # the names weights_only allows (torch's defaults and the active allowlist)
+        from torch import _weights_only_unpickler as unpickler
+
+        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except Exception:  # private API: without it, every global found is listed
+        return set()
+
+
+def _blocked_globals(path: Path, error: Exception) -> list[str]:
+    """The globals of ``path`` that weights_only refuses, found without unpickling."""
+    names = _GLOBAL_IN_MESSAGE.findall(str(error))
+    try:
+        if zipfile.is_zipfile(path):
+            names += torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        else:
+            allowed = _allowed_global_names()
+            names += [n for n in _pickle_globals(path.read_bytes()) if n not in allowed]
+    except Exception:  # a damaged file: the names from the error are all there is
+        pass
+    return list(dict.fromkeys(names))
+
+
+def _refusal_message(path: Path, names: list[str]) -> str:
+    found = (f"Python globals that torch.load(weights_only=True) does not allow: "
+             f"{', '.join(names)}" if names
+             else "pickle content that torch.load(weights_only=True) does not allow")
     return (
-        f"Refusing to load '{path}': it contains pickled Python objects that "
-        f"torch.load(weights_only=True) will not construct ({detail}). Original InternImage "
-        "training checkpoints store the yacs training config next to the weights ('config'). "
-        "Loading such a file with weights_only=False can run arbitrary code from the file, so "
-        "this package never does that.\n"
-        "Ways out:\n"
-        "  1. If you trust where the file comes from, extract the weights once, in a separate "
-        "step you run yourself (the classes must be importable, e.g. `pip install yacs`):\n"
-        f"       python -c \"import torch; ck = torch.load(r'{path}', map_location='cpu', "
-        f"weights_only=False); torch.save(ck['model'], r'{path.with_suffix('')}_weights.pth')\"\n"
-        "     then convert that clean file: internimage.convert_checkpoint(clean_path, "
-        "'model.safetensors', 'internimage_t').\n"
-        "  2. If the blocked global is a plain class you trust, allow-list it: "
-        "load_original_checkpoint(path, safe_globals=[TheClass]) (dict subclasses such as "
-        "yacs CfgNode cannot be allow-listed; use way 1)."
+        f"Refusing to load '{path}': it pickles {found}. Unpickling them could run code from "
+        "the file; nothing from it was run, and this package only loads checkpoints with "
+        "weights_only=True. Original InternImage checkpoints carry no global besides "
+        "yacs.config.CfgNode (their training config), which is allowed here as a plain dict, "
+        "so this file holds something else. Safe ways out: (1) extract the tensors: get the "
+        "weights as a plain state dict of tensors (torch.save(model.state_dict(), ...)) or as "
+        "safetensors, and load that file; (2) with torch.load itself, allow exactly the "
+        "classes original checkpoints carry: `with torch.serialization.safe_globals("
+        "internimage.checkpoint.ORIGINAL_CHECKPOINT_GLOBALS): torch.load(path, "
+        "weights_only=True)`. Do not allow the globals listed above unless you know what "
+        "they do."
     )
 
 
@@ -79,8 +155,9 @@ def load_checkpoint_file(
     Args:
         path: the checkpoint file.
         map_location: where tensors are loaded.
-        safe_globals: extra classes/functions to allow-list for this load only (passed to
-            ``torch.serialization.safe_globals``); only for classes you trust.
+        safe_globals: classes/functions to allow-list for this load only, besides
+            :data:`ORIGINAL_CHECKPOINT_GLOBALS` (passed to
+            ``torch.serialization.safe_globals``); only classes you know to be inert data.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -93,13 +170,13 @@ def load_checkpoint_file(
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(map_location))
-    try:
-        if safe_globals:
-            with torch.serialization.safe_globals(list(safe_globals)):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(_refusal_message(path, error)) from error
+    allowed = ORIGINAL_CHECKPOINT_GLOBALS + list(safe_globals or [])
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            names = _blocked_globals(path, error)
+            raise UnsafeCheckpointError(_refusal_message(path, names)) from error
 
 
 def load_original_checkpoint(

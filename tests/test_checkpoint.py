@@ -275,13 +275,93 @@ def test_pickled_objects_are_refused_with_a_way_out(tmp_path: Path, golden_b: di
         load_original_checkpoint(path)
     message = str(info.value)
     assert str(path) in message
-    assert "weights_only" in message and "arbitrary code" in message
-    assert "FakeYacsConfig" in message  # names the blocked global
-    assert "Ways out" in message and "torch.save(ck['model']" in message
+    assert "weights_only" in message and "run code" in message
+    assert "test_checkpoint.FakeYacsConfig" in message  # names the blocked global
+    assert_only_safe_ways_out(message)
     assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+    assert isinstance(info.value, ValueError)  # a bad file, not a bug
     with pytest.raises(UnsafeCheckpointError):
         convert_checkpoint(path, tmp_path / "out.safetensors", "internimage_b")
     assert not EXECUTED, "the pickled object must never be constructed"
+
+
+def assert_only_safe_ways_out(message: str) -> None:
+    """The refusal offers the original's allowlist and tensor extraction, never an unsafe
+    load."""
+    assert "weights_only=False" not in message.replace(" ", "")
+    assert "weights_only=True" in message
+    assert "torch.serialization.safe_globals(" in message
+    assert "ORIGINAL_CHECKPOINT_GLOBALS" in message
+
+
+class _Payload:
+    """A pickle whose unpickling calls os.system (the classic malicious checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy", "pickle2", "pickle4"])
+def test_malicious_pickle_is_refused_naming_the_global(tmp_path: Path, form: str) -> None:
+    marker = tmp_path / "payload_ran"
+    payload = {"model": {"w": torch.zeros(2)}, "config": _Payload(marker)}
+    path = tmp_path / "evil.pth"
+    if form == "zip":
+        torch.save(payload, path)
+    elif form == "legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(form[-1])))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_original_checkpoint(path)
+    message = str(info.value)
+    assert "posix.system" in message, message  # os.system's real name on Linux
+    assert_only_safe_ways_out(message)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        convert_checkpoint(path, tmp_path / "out.safetensors", "internimage_t")
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_original_training_checkpoint_with_yacs_config_loads(tmp_path: Path,
+                                                             golden_b: dict) -> None:
+    """The original save_checkpoint pickles a yacs CfgNode (a dict subclass) under 'config':
+    its one allowlisted global loads as an inert OrderedDict, without yacs."""
+    import sys
+    import types
+
+    from internimage.checkpoint import ORIGINAL_CHECKPOINT_GLOBALS, load_checkpoint_file
+
+    class CfgNode(dict):  # pickled exactly as yacs' class: NEWOBJ + SETITEMS + BUILD
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module = types.ModuleType("yacs.config")
+    module.CfgNode = CfgNode
+    config = CfgNode(MODEL=CfgNode(TYPE="intern_image", DROP_PATH_RATE=0.5))
+    config.__dict__["__immutable__"] = True
+    path = tmp_path / "internimage_b_train.pth"
+    saved = dict(sys.modules)
+    sys.modules.update({"yacs": types.ModuleType("yacs"), "yacs.config": module})
+    try:
+        torch.save({"model": golden_b["state_dict"], "optimizer": {"state": {}},
+                    "epoch": 299, "max_accuracy": 84.9, "config": config}, path)
+    finally:
+        sys.modules.clear()
+        sys.modules.update(saved)
+    assert [name for _, name in ORIGINAL_CHECKPOINT_GLOBALS] == ["yacs.config.CfgNode"]
+    sd = load_original_checkpoint(path)
+    assert sd.keys() == golden_b["state_dict"].keys()
+    whole = load_checkpoint_file(path)
+    assert whole["config"] == {"MODEL": {"TYPE": "intern_image", "DROP_PATH_RATE": 0.5}}
+    assert type(whole["config"]).__module__ == "collections"  # nothing from yacs
+    with torch.serialization.safe_globals(ORIGINAL_CHECKPOINT_GLOBALS):  # plain torch.load
+        assert torch.load(path, weights_only=True)["epoch"] == 299
 
 
 def test_safe_globals_allow_list(tmp_path: Path, golden_b: dict) -> None:

@@ -302,3 +302,37 @@ def test_export_onnx(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
                              "--onnx", str(out), "--img-size", "32"], capsys)
     assert code == 0, err
     assert out.is_file() and out.stat().st_size > 0 and "wrote" in stdout
+
+
+class _Payload:
+    """Unpickling this calls os.system: a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_one_line_naming_the_global(
+        tmp_path: Path, digit_images: list[Path], capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "config": _Payload(marker)}, evil)
+    commands = {
+        "convert": ["convert", str(evil), str(tmp_path / "o.safetensors"), "--model",
+                    "internimage_t"],
+        "predict": ["predict", str(digit_images[0]), "--model", "internimage_t",
+                    "--checkpoint", str(evil)],
+        "export": ["export", "--model", "internimage_t", "--checkpoint", str(evil),
+                   "--onnx", str(tmp_path / "m.onnx")],
+        "train": ["train", "--checkpoint", str(evil), "--output", str(tmp_path / "run")],
+    }
+    for command, args in commands.items():
+        code, _, err = run(args, capsys)
+        line = assert_one_line_error(code, err, command, "posix.system", "safe_globals(")
+        assert "weights_only=False" not in line.replace(" ", "")
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o.safetensors").exists()
