@@ -17,6 +17,7 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,7 @@ from internimage.internimage import _WRAPPER_KEYS, _unwrap, checkpoint_filter_fn
 
 __all__ = [
     "UnsafeCheckpointError",
+    "CheckpointMismatchError",
     "ORIGINAL_CHECKPOINT_GLOBALS",
     "load_checkpoint_file",
     "load_original_checkpoint",
@@ -50,6 +52,10 @@ class UnsafeCheckpointError(ValueError):
     message names them and offers only safe ways out."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose keys or tensor shapes do not match the model."""
+
+
 class _YacsCfgNode:
     """Unpickles as ``yacs.config.CfgNode`` (the training config that the original
     ``save_checkpoint`` stores under 'config'): builds an ``OrderedDict`` (one of the few types
@@ -65,6 +71,7 @@ class _YacsCfgNode:
 #: ``with torch.serialization.safe_globals(ORIGINAL_CHECKPOINT_GLOBALS): torch.load(...)``.
 ORIGINAL_CHECKPOINT_GLOBALS: list[tuple[Any, str]] = [(_YacsCfgNode, "yacs.config.CfgNode")]
 
+_QUALIFIED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]*)")  # both spellings torch uses
 _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
                "SHORT_BINUNICODE", "BINUNICODE8"}
@@ -123,7 +130,51 @@ def _blocked_globals(path: Path, error: Exception) -> list[str]:
             names += [n for n in _pickle_globals(path.read_bytes()) if n not in allowed]
     except Exception:  # a damaged file: the names from the error are all there is
         pass
-    return list(dict.fromkeys(names))
+    # A truncated file ends inside a name ('collect.', 'collections.Ord'): not a global.
+    allowed = _allowed_global_names()
+    return [name for name in dict.fromkeys(names) if _QUALIFIED_NAME.fullmatch(name)
+            and not any(a.startswith(name) and a != name for a in allowed)]
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"  # the PROTO opcode that starts protocol >= 2 pickles (torch.save's)
+
+
+def _check_not_empty(path: Path) -> bytes:
+    """The first bytes of ``path``; an empty file is a ValueError."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head:
+        raise ValueError(f"'{path}' is empty (0 bytes), not a checkpoint")
+    return head
+
+
+def _describe(head: bytes) -> str:
+    """'a text file (...)' or 'a file starting with ...' for error messages."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"a file starting with the bytes {head[:16]!r}"
+    if all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"a text file (starting {text[:32]!r})"
+    return f"a file starting with the bytes {head[:16]!r}"
+
+
+def _short(error: BaseException) -> str:
+    """The first sentence of an error from torch or safetensors, never their advice."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = text.split(". ")[0][:160]
+    return type(error).__name__ if "weights_only" in text else text
+
+
+def _unreadable_safetensors(path: Path, head: bytes, error: BaseException) -> ValueError:
+    if len(head) < 8:
+        what = f"too short for a safetensors header ({len(head)} bytes)"
+    elif _describe(head).startswith("a text file"):
+        what = _describe(head)
+    else:
+        what = f"truncated or damaged ({_short(error)})"
+    return ValueError(f"'{path}' is not a readable safetensors file: {what}")
 
 
 def _refusal_message(path: Path, names: list[str]) -> str:
@@ -161,22 +212,42 @@ def load_checkpoint_file(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        UnsafeCheckpointError: the file holds pickled objects ``weights_only`` refuses.
+        UnsafeCheckpointError: the file pickles globals ``weights_only`` refuses (named).
+        ValueError: the file is empty, text, truncated or damaged (the message says which).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: '{path}'")
+    head = _check_not_empty(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device=str(map_location))
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as error:  # safetensors' own error type: a damaged header or data
+            raise _unreadable_safetensors(path, head, error) from error
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTO)):
+        raise ValueError(f"'{path}' is not a PyTorch checkpoint: {_describe(head)}, neither "
+                         "a torch.save archive nor a pickle")
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        raise ValueError(f"'{path}' is a truncated or damaged torch.save archive (its zip "
+                         "directory is missing); download or copy it again")
     allowed = ORIGINAL_CHECKPOINT_GLOBALS + list(safe_globals or [])
     with torch.serialization.safe_globals(allowed):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
             names = _blocked_globals(path, error)
-            raise UnsafeCheckpointError(_refusal_message(path, names)) from error
+            if names:
+                raise UnsafeCheckpointError(_refusal_message(path, names)) from error
+            raise ValueError(
+                f"'{path}' cannot be unpickled with weights_only=True: its pickle data is "
+                "truncated or damaged, or uses opcodes that safe loading does not support"
+            ) from error
+        except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, TypeError,
+                AttributeError, struct.error) as error:  # what torch raises on damaged files
+            raise ValueError(f"'{path}' is a truncated or damaged PyTorch checkpoint "
+                             f"({_short(error)})") from error
 
 
 def load_original_checkpoint(
@@ -216,19 +287,20 @@ def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
     """The string metadata of a safetensors file ({} for other files).
 
     Raises:
-        ValueError: the file ends in '.safetensors' but its header cannot be read.
+        ValueError: the file ends in '.safetensors' but is empty or its header cannot be
+            read.
     """
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
     from safetensors import safe_open
 
+    head = _check_not_empty(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
-    except Exception as error:  # a corrupt header
-        message = " ".join(str(error).split())
-        raise ValueError(f"'{path}': not a readable safetensors file ({message})") from error
+    except Exception as error:  # a damaged header
+        raise _unreadable_safetensors(path, head, error) from error
 
 
 def checkpoint_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
@@ -285,8 +357,8 @@ def load_weights(
     freshly initialised head); the returned notes say so.
 
     Raises:
-        ValueError: a missing or unexpected key or a shape mismatch (named, with ``source``),
-            or a classifier of another size without ``allow_head_reset``.
+        CheckpointMismatchError: a missing or unexpected key or a shape mismatch (named, with
+            ``source``), or a classifier of another size without ``allow_head_reset``.
     """
     from internimage.internimage import InternImage
 
@@ -301,7 +373,7 @@ def load_weights(
         own = target.get(f"{classifier}.weight")
         if weight is not None and own is not None and weight.shape[0] != own.shape[0]:
             if not allow_head_reset:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"{source}: its classifier has {weight.shape[0]} classes, the model "
                     f"{own.shape[0]}; build the model with num_classes={weight.shape[0]}"
                 )
@@ -313,13 +385,15 @@ def load_weights(
             )
     missing, unexpected, bad_shapes = state_dict_mismatches(state_dict, target)
     if bad_shapes:
-        raise ValueError(f"{source}: tensor shapes do not match the model (checkpoint vs "
-                         f"model): {_first(bad_shapes)}")
+        raise CheckpointMismatchError(
+            f"{source}: tensor shapes do not match the model (checkpoint vs model): "
+            f"{_first(bad_shapes)}")
     if notes:  # the re-initialised head is expected to be missing
         missing = [k for k in missing if not k.startswith(f"{classifier}.")]
     if missing or unexpected:
-        raise ValueError(f"{source}: does not match the model: missing keys {_first(missing)}, "
-                         f"unexpected keys {_first(unexpected)}")
+        raise CheckpointMismatchError(
+            f"{source}: does not match the model: missing keys {_first(missing)}, "
+            f"unexpected keys {_first(unexpected)}")
     model.load_state_dict(state_dict, strict=False)
     return notes
 
@@ -388,7 +462,7 @@ def convert_checkpoint(
     state_dict = checkpoint_filter_fn(state_dict, model)
     missing, unexpected, mismatched = state_dict_mismatches(state_dict, model.state_dict())
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"'{src}' does not match {model_name} (model kwargs {model_kwargs}): missing keys "
             f"{_first(missing)}, unexpected keys {_first(unexpected)}, shape mismatches "
             f"(checkpoint vs model) {_first(mismatched)}"

@@ -149,31 +149,31 @@ def custom_pretrained_cfg(model: nn.Module, img_size: int = 224) -> dict[str, An
 # Weights (the library functions of internimage.checkpoint, with the command line's errors)
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """:func:`internimage.checkpoint.read_safetensors_metadata`; a corrupt header is a
-    :class:`CommandError`."""
+def read_safetensors_metadata(path: str | os.PathLike,
+                              option: str = "--checkpoint") -> dict[str, str]:
+    """:func:`internimage.checkpoint.read_safetensors_metadata`; a damaged file is a
+    :class:`CommandError` naming ``option``."""
     try:
         return checkpoint.read_safetensors_metadata(path)
     except ValueError as error:
-        raise CommandError(one_line(error)) from error
+        raise CommandError(f"{option}: {one_line(error)}") from error
 
 
 def load_state_dict_file(
     path: str | os.PathLike, option: str = "--checkpoint"
 ) -> dict[str, Tensor]:
     """Tensors of an original ``.pth`` (any wrapper), a converted or trained ``.safetensors``
-    file, always loaded safely (``weights_only=True``)."""
+    file, always loaded safely (``weights_only=True``). Whatever is wrong with the file is
+    one :class:`CommandError` naming ``option``."""
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"{option}: file not found: '{path}'")
     try:
         return checkpoint.load_original_checkpoint(path)
-    except checkpoint.UnsafeCheckpointError as error:
-        raise CommandError(f"{option}: {error}") from error
-    except (ValueError, RuntimeError, OSError, EOFError) as error:
-        raise CommandError(
-            f"{option}: cannot read '{path}' as a checkpoint ({one_line(error)})"
-        ) from error
+    except ValueError as error:  # empty, text, damaged, unsafe, or no tensors
+        raise CommandError(f"{option}: {one_line(error)}") from error
+    except OSError as error:
+        raise CommandError(f"{option}: cannot read '{path}' ({one_line(error)})") from error
 
 
 def load_weights(
@@ -185,7 +185,7 @@ def load_weights(
     """:func:`internimage.checkpoint.load_weights`; a mismatch is a :class:`CommandError`."""
     try:
         return checkpoint.load_weights(model, state_dict, source, allow_head_reset)
-    except ValueError as error:
+    except checkpoint.CheckpointMismatchError as error:
         raise CommandError(f"{one_line(error)} (wrong --model?)") from error
 
 

@@ -493,3 +493,32 @@ def test_save_safetensors_shared_storage_and_metadata(tmp_path: Path) -> None:
     corrupt.write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         read_safetensors_metadata(corrupt)
+
+
+def test_unreadable_files_are_value_errors_about_the_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from internimage.checkpoint import CheckpointMismatchError, load_checkpoint_file
+
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.zeros(4096)}}, good)
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": {"w": torch.zeros(4096)}}, legacy, _use_new_zipfile_serialization=False)
+    save_file({"w": torch.zeros(4096)}, str(tmp_path / "good.safetensors"))
+    cases = {
+        "text.pth": (b"hello, not a checkpoint\n", "a text file"),
+        "empty.pth": (b"", r"empty \(0 bytes\)"),
+        "binary.pth": (b"\x00\x01\x02\x03" * 8, "neither a torch.save archive nor a pickle"),
+        "truncated.pth": (good.read_bytes()[:2000], "truncated or damaged"),
+        "truncated_legacy.pth": (legacy.read_bytes()[:300], "truncated or damaged"),
+        "t.safetensors": ((tmp_path / "good.safetensors").read_bytes()[:3000],
+                          "not a readable safetensors file"),
+        "short.safetensors": (b"hello", "too short"),
+    }
+    for name, (data, needle) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=needle) as info:
+            load_checkpoint_file(path)
+        assert not isinstance(info.value, (UnsafeCheckpointError, CheckpointMismatchError))
+        assert str(path) in str(info.value) and "weights_only=False" not in str(info.value)

@@ -336,3 +336,57 @@ def test_malicious_checkpoint_is_one_line_naming_the_global(
         assert "weights_only=False" not in line.replace(" ", "")
     assert not marker.exists(), "the payload ran"
     assert not (tmp_path / "run").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what the one-line error must say about the file)."""
+    from safetensors.torch import save_file
+
+    good_pth, good_st = folder / "good.pth", folder / "good.safetensors"
+    torch.save({"model": {"w": torch.zeros(4096)}}, good_pth)
+    save_file({"w": torch.zeros(4096)}, str(good_st))
+    files = {
+        "text": ("text.pth", b"hello world, this is not a checkpoint\n", "text file"),
+        "yaml": ("config.pth", b"model:\n  name: internimage_t\n", "text file"),
+        "empty": ("empty.pth", b"", "empty"),
+        "truncated": ("truncated.pth", good_pth.read_bytes()[:3000], "truncated"),
+        "st_truncated": ("t.safetensors", good_st.read_bytes()[:3000], "safetensors"),
+        "st_corrupt": ("c.safetensors", b"\x10" + b"\x00" * 7 + b"{not json at all}",
+                       "safetensors"),
+        "st_text": ("x.safetensors", b"hello\n", "safetensors"),
+    }
+    out = {}
+    for key, (name, data, needle) in files.items():
+        path = folder / name
+        path.write_bytes(data)
+        out[key] = (path, needle)
+    return out
+
+
+@pytest.mark.parametrize("command", ["convert", "predict", "export", "train"])
+def test_bad_checkpoint_files_are_one_line_about_the_file(
+        command: str, tmp_path: Path, digit_images: list[Path],
+        capsys: pytest.CaptureFixture) -> None:
+    for key, (path, needle) in _bad_files(tmp_path).items():
+        args = {
+            "convert": ["convert", str(path), str(tmp_path / "o.safetensors"), "--model",
+                        "internimage_t"],
+            "predict": ["predict", str(digit_images[0]), "--model", "internimage_t",
+                        "--checkpoint", str(path)],
+            "export": ["export", "--model", "internimage_t", "--checkpoint", str(path),
+                       "--onnx", str(tmp_path / "m.onnx")],
+            "train": ["train", "--checkpoint", str(path), "--output", str(tmp_path / "run")],
+        }[command]
+        code, _, err = run(args, capsys)
+        line = assert_one_line_error(code, err, command, str(path), needle)
+        assert "wrong --model" not in line, (key, line)  # the file is at fault, not --model
+        assert "weights_only=False" not in line.replace(" ", ""), (key, line)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", ["-5", "0", "8"])
+def test_predict_bad_img_size(size: str, trained: Path, digit_images: list[Path],
+                              capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run(["predict", str(digit_images[0]), "--checkpoint",
+                        str(trained / "model.safetensors"), "--img-size", size], capsys)
+    assert_one_line_error(code, err, "predict", "--img-size", ">= 32", f"got {size}")

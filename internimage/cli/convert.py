@@ -27,8 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Original ``.pth`` -> safetensors in this package's layout."""
-    from internimage.checkpoint import UnsafeCheckpointError, convert_checkpoint, save_safetensors
-    from internimage.cli_common import check_model_name, read_safetensors_metadata
+    import torch
+
+    from internimage.checkpoint import (
+        CheckpointMismatchError,
+        convert_checkpoint,
+        save_safetensors,
+    )
+    from internimage.cli_common import build_model, check_model_name, read_safetensors_metadata
     from internimage.files import atomic_path
 
     src, dst = Path(args.src), Path(args.dst)
@@ -43,23 +49,28 @@ def run(args: argparse.Namespace) -> int:
     model_args = parse_model_args(args.model_args)
     if dst.exists() and not args.force:
         raise CommandError(f"DST: '{dst}' exists; pass --force to overwrite it")
+    with torch.device("meta"):  # the architecture's arguments, checked before the file
+        build_model(args.model, kwargs=model_args)
     try:
         with atomic_path(dst, suffix=".safetensors") as tmp:
             convert_checkpoint(src, tmp, args.model, use_ema=args.use_ema, **model_args)
             if model_args:  # record the architecture so predict/export can rebuild it
                 from safetensors.torch import load_file
 
-                meta = read_safetensors_metadata(tmp)
+                meta = read_safetensors_metadata(tmp, "DST")
                 tensors = load_file(str(tmp))
                 save_safetensors(tmp, tensors, dict(meta, model_kwargs=model_args))
-    except UnsafeCheckpointError as error:
-        raise CommandError(f"SRC: {error}") from error
-    except (ValueError, RuntimeError, OSError, EOFError, TypeError) as error:
+    except CheckpointMismatchError as error:
         detail = one_line(error)
         detail = detail if len(detail) <= 300 else detail[:300] + " ..."
         raise CommandError(f"SRC: cannot convert '{src}' for {args.model} (wrong --model or "
                            f"--model-arg?): {detail}") from error
-    meta = read_safetensors_metadata(dst)
+    except ValueError as error:  # the file: empty, text, damaged, unsafe, no tensors
+        raise CommandError(f"SRC: {one_line(error)}") from error
+    except OSError as error:
+        raise CommandError(f"cannot read '{src}' or write '{dst}' ({one_line(error)})") \
+            from error
+    meta = read_safetensors_metadata(dst, "DST")
     from safetensors import safe_open
 
     with safe_open(str(dst), framework="pt") as handle:

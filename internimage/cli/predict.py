@@ -41,11 +41,14 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"IMAGE: file not found: '{path}'")
     if args.top_k < 1:
         raise CommandError(f"--top-k: expected an integer >= 1, got {args.top_k}")
+    if args.img_size is not None and args.img_size < 32:
+        raise CommandError(f"--img-size: expected an integer >= 32 (the models downsample "
+                           f"32x), got {args.img_size}")
     device = resolve_device(args.device)
     model, info = model_from_checkpoint(args.model, args.checkpoint, args.pretrained, device,
                                         parse_model_args(args.model_args))
     data_config = resolve_data_config(model=model)
-    if args.img_size:
+    if args.img_size is not None:
         data_config["input_size"] = (3, args.img_size, args.img_size)
     transform = create_transform(**data_config, is_training=False)
     class_names = info.get("class_names")
