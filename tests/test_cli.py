@@ -390,3 +390,15 @@ def test_predict_bad_img_size(size: str, trained: Path, digit_images: list[Path]
     code, _, err = run(["predict", str(digit_images[0]), "--checkpoint",
                         str(trained / "model.safetensors"), "--img-size", size], capsys)
     assert_one_line_error(code, err, "predict", "--img-size", ">= 32", f"got {size}")
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_img_size_zero_or_negative_is_refused(size: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """0 used to be taken as 'the default' (bench); every command names the option."""
+    for command, args in {
+        "bench": ["bench", "--quiet", "--skip-op", "--compare", "none", "--iters", "1"],
+        "export": ["export", "--model", "internimage_t", "--onnx", str(tmp_path / "m.onnx")],
+    }.items():
+        code, _, err = run(args + ["--img-size", size], capsys)
+        assert_one_line_error(code, err, command, "--img-size", f"got {size}")

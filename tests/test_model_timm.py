@@ -539,6 +539,45 @@ def test_constructor_accepts_original_keywords_and_validates() -> None:
             InternImage(**dict(TINY, **kwargs))
 
 
+@pytest.mark.parametrize("name, value, expected", [
+    ("drop_path_rate", 1.5, "in [0, 1)"),
+    ("drop_path_rate", -0.1, "in [0, 1)"),
+    ("drop_path_rate", float("nan"), "in [0, 1)"),
+    ("drop_rate", 1.0, "in [0, 1)"),
+    ("head_drop_rate", 2, "in [0, 1)"),
+    ("offset_scale", float("nan"), "a finite number > 0"),
+    ("offset_scale", float("inf"), "a finite number > 0"),
+    ("offset_scale", 0.0, "a finite number > 0"),
+    ("offset_scale", True, "a finite number > 0"),
+    ("mlp_ratio", 0, "a finite number > 0"),
+    ("mlp_ratio", -4.0, "a finite number > 0"),
+    ("mlp_ratio", "4", "a finite number > 0"),
+    ("cls_scale", 0.0, "a finite number > 0"),
+    ("layer_scale", float("inf"), "None or a finite number > 0"),
+    ("layer_scale", 0.0, "None or a finite number > 0"),
+    ("in_chans", 0, "an int >= 1"),
+    ("in_chans", 1.5, "an int >= 1"),
+    ("dw_kernel_size", 4, "None or an odd int >= 1"),
+    ("dw_kernel_size", 0, "None or an odd int >= 1"),
+])
+def test_constructor_rejects_invalid_values(name: str, value: object, expected: str) -> None:
+    """Each error names the argument, what was expected and what was given."""
+    with pytest.raises((ValueError, TypeError)) as info:
+        InternImage(**dict(TINY, **{name: value}))
+    message = str(info.value)
+    assert message.startswith(f"{name} must be {expected}, got "), message
+    assert repr(value) in message, message
+
+
+def test_constructor_accepts_numpy_scalars_and_boundaries() -> None:
+    import numpy as np
+
+    model = InternImage(**dict(TINY, drop_path_rate=np.float32(0.0), mlp_ratio=np.float64(2.0),
+                               offset_scale=np.float64(2.0), in_chans=np.int64(1),
+                               layer_scale=1e-5, dw_kernel_size=5))
+    assert model.stem.conv1.in_channels == 1
+
+
 def test_clip_model_needs_matching_stage_sizes() -> None:
     model = tiny("clip").eval()
     with pytest.raises(ValueError, match="divisible by 32"):

@@ -45,5 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from internimage.bench import run_bench
+    from internimage.cli.errors import CommandError
 
+    if args.img_size is not None and args.img_size < 32:  # 0 must not mean "the default"
+        raise CommandError(f"--img-size: expected an integer >= 32, got {args.img_size}")
     return run_bench(args)
