@@ -21,11 +21,9 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -42,101 +40,31 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from internimage.checkpoint import save_safetensors
 from internimage.cli_common import (
     CUSTOM_MODEL,
     CommandError,
-    atomic_path,
-    atomic_write_text,
     build_model,
-    check_model_name,
     load_state_dict_file,
     load_weights,
-    one_line,
     resolve_device,
-    save_safetensors,
 )
-from internimage.train_config import (
-    apply_override,
-    dump_config,
-    load_recipe,
-    resolve_recipe,
-    set_key,
-    validate_config,
-)
+from internimage.data import ImageDecodeError
+from internimage.files import atomic_path, atomic_write_text
+from internimage.train_config import dump_config
 
-__all__ = ["run_train", "resolve_config", "build_param_groups", "STATE_FORMAT"]
+__all__ = ["Trainer", "build_param_groups", "STATE_FORMAT", "RESUMABLE_KEYS", "SETUP_ERRORS"]
 
 STATE_FORMAT = "internimage-train-state/1"
 #: Keys that may change when resuming: they do not change the computation.
 RESUMABLE_KEYS = {"data.dir", "data.num_workers", "data.check_images", "train.device",
                   "train.threads"}
+#: What a setup step raises for bad input (a config value, the data, a checkpoint); the command
+#: line prints these on one line.
+SETUP_ERRORS = (CommandError, ValueError, FileNotFoundError, ImportError, FloatingPointError)
 _METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
                   "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "train_time_s", "val_time_s",
                   "train_images_per_s"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], str, Path | None]:
-    """The run's config from the recipe, the shorthand options and ``--set`` overrides.
-
-    Returns ``(config, recipe name, resume folder or None)``.
-    """
-    shorthands = [
-        ("data.dir", args.data), ("model.checkpoint", args.checkpoint),
-        ("model.num_classes", args.num_classes), ("sched.epochs", args.epochs),
-        ("data.batch_size", args.batch_size), ("optim.lr", args.lr),
-        ("data.img_size", args.img_size),
-    ]
-    if args.resume is not None:
-        resume = Path(args.resume)
-        for option, value in (("--output", args.output), ("--config", args.config)):
-            if value is not None:
-                raise CommandError(f"{option}: not allowed with --resume (the run continues in "
-                                   f"'{resume}' with its own config.yaml)")
-        if not (resume / "config.yaml").is_file():
-            raise CommandError(f"--resume: '{resume}' is not a training output folder "
-                               "(no config.yaml)")
-        cfg = load_recipe(resume / "config.yaml")
-        changed = [key for key, value in shorthands if value is not None]
-        if args.model is not None:
-            changed.append("model.name")
-        changed += [text.partition("=")[0].strip() for text in args.overrides]
-        fixed = [key for key in changed if key not in RESUMABLE_KEYS]
-        if fixed:
-            raise CommandError(
-                f"--resume: {', '.join(fixed)} cannot change when resuming (the run would no "
-                f"longer be the one that was interrupted; only {', '.join(sorted(RESUMABLE_KEYS))}"
-                f" can); start a new run with --checkpoint {resume / 'model.safetensors'} instead"
-            )
-        recipe = str(resume / "config.yaml")
-    else:
-        if args.config is not None:
-            path = resolve_recipe(args.config)
-        elif args.data is None:
-            path = resolve_recipe("digits_tiny")
-        else:
-            model = args.model or "internimage_t"
-            try:
-                path = resolve_recipe(f"{model}_ft")
-            except CommandError:
-                path = resolve_recipe("finetune")
-        cfg = load_recipe(path)
-        recipe = path.stem
-        resume = None
-    if args.model is not None:
-        check_model_name(args.model)
-        set_key(cfg, "model.name", args.model, "--model")
-        set_key(cfg, "model.kwargs", {}, "--model")
-    for key, value in shorthands:
-        if value is not None:
-            set_key(cfg, key, value, "--" + key.split(".")[1].replace("_", "-"))
-    for text in args.overrides:
-        apply_override(cfg, text)
-    validate_config(cfg)
-    return cfg, recipe, resume
 
 
 def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None,
@@ -237,14 +165,14 @@ class _Dist:
 def _setup_phase(ctx: _Dist, fn: Any) -> Any:
     """Runs ``fn`` on every rank; if any rank fails, every rank stops (the failing one with
     its own message)."""
-    error: CommandError | None = None
+    error: Exception | None = None
     result = None
     try:
         result = fn()
-    except CommandError as exc:
+    except SETUP_ERRORS as exc:
         error = exc
     if not ctx.all_ok(error is None):
-        raise error or CommandError("setup failed on another process (see its message)")
+        raise error or ValueError("setup failed on another process (see its message)")
     return result
 
 
@@ -307,18 +235,27 @@ class _ValShard(torch.utils.data.Sampler):
 
 
 class Trainer:
-    """One ``internimage train`` invocation (see the module docstring)."""
+    """One training run (see the module docstring) from a validated config.
 
-    def __init__(self, cfg: dict[str, Any], recipe: str, resume: Path | None,
-                 args: argparse.Namespace) -> None:
+    ``recipe`` names the run (default output ``runs/<recipe>-<time>``); ``resume`` is the
+    folder of an interrupted run to continue; ``output`` the folder to write (must not exist
+    or be empty); ``stop_after`` ends this invocation after that many epochs. Bad input
+    raises ``ValueError`` / ``FileNotFoundError`` / ``ImportError`` whose message starts with
+    the config key (or ``output``, ``resume``, ``stop_after``) at fault.
+    """
+
+    def __init__(self, cfg: dict[str, Any], recipe: str, resume: Path | None = None, *,
+                 output: str | os.PathLike | None = None, stop_after: int | None = None,
+                 quiet: bool = False) -> None:
         self.cfg = cfg
         self.recipe = recipe
         self.resume = resume
-        self.args = args
-        self.quiet = bool(getattr(args, "quiet", False))
-        self.stop_after = getattr(args, "stop_after", None)
-        if self.stop_after is not None and self.stop_after < 1:
-            raise CommandError(f"--stop-after: expected an integer >= 1, got {self.stop_after}")
+        self.output = output
+        self.quiet = quiet
+        self.stop_after = stop_after
+        if stop_after is not None and (isinstance(stop_after, bool)
+                                       or not isinstance(stop_after, int) or stop_after < 1):
+            raise ValueError(f"stop_after: expected an integer >= 1, got {stop_after!r}")
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -347,7 +284,10 @@ class Trainer:
 
         data = self.cfg["data"]
         if data["dir"] is None:
-            tr_x, tr_y, va_x, va_y, classes = digits_split(data["val_fraction"], seed=0)
+            try:
+                tr_x, tr_y, va_x, va_y, classes = digits_split(data["val_fraction"], seed=0)
+            except ImportError as error:
+                raise ImportError(f"data.dir: no image folder is set and {error}") from error
             source = {"kind": "digits", "classes": classes, "train": (tr_x, tr_y),
                       "val": (va_x, va_y)}
             if data["train_limit"]:
@@ -355,7 +295,10 @@ class Trainer:
             if data["val_limit"]:
                 source["val"] = (va_x[:data["val_limit"]], va_y[:data["val_limit"]])
             return source
-        scanned = scan_image_folder(data["dir"])
+        try:
+            scanned = scan_image_folder(data["dir"])
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"data.dir: {error}") from error
         train = scanned["train"][:data["train_limit"]] if data["train_limit"] \
             else scanned["train"]
         val = scanned["val"][:data["val_limit"]] if data["val_limit"] else scanned["val"]
@@ -365,7 +308,10 @@ class Trainer:
             paths = [p for p, _ in train] + [p for p, _ in val]
             with tqdm(total=len(paths), desc="checking images", unit="img", file=sys.stderr,
                       disable=self.quiet or len(paths) < 2000, leave=False) as bar:
-                check_images(paths, progress=lambda i: bar.update(1))
+                try:
+                    check_images(paths, progress=lambda i: bar.update(1))
+                except ValueError as error:
+                    raise ValueError(f"data.dir: {error}") from error
         return {"kind": "folder", "classes": scanned["classes"], "train": train, "val": val}
 
     def _model(self, num_classes: int) -> tuple[nn.Module, list[str]]:
@@ -384,8 +330,8 @@ class Trainer:
                          "random initialisation")
         if mcfg["grad_checkpointing"]:
             if not hasattr(model, "set_grad_checkpointing"):
-                raise CommandError(f"model.grad_checkpointing: {mcfg['name']} does not support "
-                                   "gradient checkpointing")
+                raise ValueError(f"model.grad_checkpointing: {mcfg['name']} does not support "
+                                 "gradient checkpointing")
             model.set_grad_checkpointing(True)
         return model, notes
 
@@ -431,8 +377,8 @@ class Trainer:
                 re_mode="pixel",
             )
         except (ValueError, AssertionError, KeyError) as error:
-            raise CommandError(f"data.auto_augment / data augmentation settings: "
-                               f"{one_line(error)}") from error
+            raise ValueError(f"data.auto_augment: the augmentation settings are not valid "
+                             f"({_one_line(error)})") from error
         if _cap_posterize(train_tf):
             self.note("data.auto_augment: this Pillow rejects posterize with 0 bits, which "
                       "timm's increasing-severity RandAugment ('inc1') asks for at magnitude 10; "
@@ -448,15 +394,15 @@ class Trainer:
     def _output_dir(self) -> Path:
         if self.resume is not None:
             return self.resume
-        if self.args.output is not None:
-            out = Path(self.args.output)
+        if self.output is not None:
+            out = Path(self.output)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{self.recipe}-{stamp}"
         out = Path(self.ctx.broadcast(str(out)))
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise CommandError(f"--output: '{out}' already exists and is not empty; choose a new "
-                               f"folder, or continue that run with --resume {out}")
+            raise ValueError(f"output: '{out}' already exists and is not empty; choose a new "
+                             "folder, or resume the run in it")
         return out
 
     # -- main ------------------------------------------------------------------------------
@@ -482,8 +428,8 @@ class Trainer:
             classes = source["classes"]
             num_classes = self.cfg["model"]["num_classes"] or len(classes)
             if num_classes < len(classes):
-                raise CommandError(f"--num-classes: the data has {len(classes)} classes, got "
-                                   f"{num_classes}")
+                raise ValueError(f"model.num_classes: the data has {len(classes)} classes, got "
+                                 f"{num_classes}")
             model, notes = _setup_phase(self.ctx, lambda: self._model(num_classes))
             data_config = self._data_config(model, source["kind"])
             if self.cfg["model"]["name"] == CUSTOM_MODEL or source["kind"] == "digits":
@@ -499,17 +445,17 @@ class Trainer:
             for text in notes:
                 self.note(text)
 
-            error: CommandError | None = None
+            error: ValueError | None = None
             if self.ctx.main and self.resume is None:
                 try:
                     created_out = not self.out.exists()
                     self.out.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
                 except OSError as exc:
-                    error = CommandError(f"--output: cannot write to '{self.out}' ({exc})")
+                    error = ValueError(f"output: cannot write to '{self.out}' ({exc})")
             # barrier: the folder exists before anyone goes on
             if not self.ctx.all_ok(error is None):
-                raise error or CommandError("rank 0 could not create the output folder")
+                raise error or ValueError("output: rank 0 could not create the output folder")
             return self._train(model, train_ds, val_ds, classes, num_classes, data_config,
                                device)
         except BaseException:
@@ -551,7 +497,7 @@ class Trainer:
                                 **loader_kwargs)
         steps_per_epoch = len(train_loader)
         if steps_per_epoch == 0:
-            raise CommandError(
+            raise ValueError(
                 f"data.batch_size: {dcfg['batch_size']} is more than the "
                 f"{len(train_sampler)} training images per process (mixup/cutmix drop "
                 "incomplete batches); lower it"
@@ -572,8 +518,8 @@ class Trainer:
                 **opt_kwargs,
             )
         except (ValueError, AssertionError, KeyError, TypeError) as error:
-            raise CommandError(f"optim.opt: cannot create optimizer {ocfg['opt']!r} "
-                               f"({one_line(error)})") from error
+            raise ValueError(f"optim.opt: cannot create optimizer {ocfg['opt']!r} "
+                             f"({_one_line(error)})") from error
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=scfg["name"], num_epochs=scfg["epochs"],
             warmup_epochs=scfg["warmup_epochs"], warmup_lr=warmup_lr, min_lr=min_lr,
@@ -645,7 +591,7 @@ class Trainer:
                         logits = ddp_model(images)
                         loss = criterion(logits.float(), targets)
                     if not torch.isfinite(loss):
-                        raise CommandError(
+                        raise FloatingPointError(
                             f"training diverged: the loss is {loss.item()} at epoch "
                             f"{epoch + 1}, step {step + 1} (lr "
                             f"{optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or set "
@@ -737,11 +683,11 @@ class Trainer:
                 batch = next(iterator)
             except StopIteration:
                 return
-            except CommandError as error:
+            except ImageDecodeError as error:
                 text = str(error)
                 if "Original Traceback" in text:  # re-raised from a DataLoader worker
                     text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-                raise CommandError(text) from error
+                raise ImageDecodeError(f"data.dir: {text}") from error
             yield batch
 
     @torch.no_grad()
@@ -830,14 +776,15 @@ class Trainer:
         assert self.resume is not None
         path = self.resume / "state.pt"
         if not path.is_file():
-            raise CommandError(f"--resume: '{self.resume}' has no state.pt (no epoch finished)")
+            raise FileNotFoundError(f"resume: '{self.resume}' has no state.pt (no epoch "
+                                    "finished)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise CommandError(f"--resume: cannot read '{path}' ({one_line(error)[:200]})") \
+            raise ValueError(f"resume: cannot read '{path}' ({_one_line(error)[:200]})") \
                 from error
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CommandError(f"--resume: '{path}' is not a {STATE_FORMAT} file")
+            raise ValueError(f"resume: '{path}' is not a {STATE_FORMAT} file")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -852,6 +799,10 @@ class Trainer:
                       f"{self.ctx.world}: random streams are re-seeded (not bit-exact)")
             _seed_all(self.cfg["train"]["seed"] + 7919 * state["epoch"] + self.ctx.rank)
         return state
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _cap_posterize(transform: Any) -> bool:
@@ -906,14 +857,3 @@ def _plot(history: list[dict[str, Any]], path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         figure.savefig(tmp, format="png")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """``internimage train``; see the module docstring."""
-    cfg, recipe, resume = resolve_config(args)
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    if not math.isfinite(cfg["optim"]["lr"]):
-        raise CommandError(f"optim.lr: expected a finite number, got {cfg['optim']['lr']}")
-    return Trainer(cfg, recipe, resume, args).run()

@@ -399,6 +399,7 @@ def test_img_size_zero_or_negative_is_refused(size: str, tmp_path: Path,
     for command, args in {
         "bench": ["bench", "--quiet", "--skip-op", "--compare", "none", "--iters", "1"],
         "export": ["export", "--model", "internimage_t", "--onnx", str(tmp_path / "m.onnx")],
+        "train": ["train", "--print-config"],
     }.items():
         code, _, err = run(args + ["--img-size", size], capsys)
         assert_one_line_error(code, err, command, "--img-size", f"got {size}")

@@ -190,7 +190,7 @@ def test_image_folder_with_original_checkpoint_resets_head(
 def test_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     code, _, err = run(["train", "--data", str(tmp_path / "nope"), "--output", str(out)], capsys)
-    assert_one_line_error(code, err, "--data: folder not found")
+    assert_one_line_error(code, err, "--data (data.dir): folder not found")
     assert not out.exists()
 
 
@@ -333,3 +333,58 @@ def test_failure_before_the_first_epoch_leaves_nothing(tmp_path: Path,
                                "--output", str(out)], capsys)
     assert_one_line_error(code, err, "data.batch_size", "128")
     assert not out.exists()
+
+
+def test_config_and_data_libraries_raise_python_errors(tmp_path: Path) -> None:
+    """Library errors are ValueError / FileNotFoundError without command-line option names;
+    the CLI adds those (next test)."""
+    import copy
+
+    from internimage.cli.errors import CommandError
+    from internimage.data import check_images, scan_image_folder
+    from internimage.train_config import DEFAULTS, resolve_recipe, set_key
+
+    errors = []
+    with pytest.raises(FileNotFoundError, match="no recipe 'nope'") as info:
+        resolve_recipe("nope")
+    errors.append(info.value)
+    cfg = copy.deepcopy(DEFAULTS)
+    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'") as info:
+        set_key(cfg, "optim.lrr", 1)
+    errors.append(info.value)
+    cfg["data"]["batch_size"] = "many"
+    with pytest.raises(ValueError, match="data.batch_size: expected an integer") as info:
+        validate_config(cfg)
+    errors.append(info.value)
+    with pytest.raises(FileNotFoundError, match="folder not found") as info:
+        scan_image_folder(tmp_path / "nope")
+    errors.append(info.value)
+    data = make_image_folder(tmp_path / "data", classes=2)
+    (data / "val" / "class_1").rename(data / "val" / "other")
+    with pytest.raises(ValueError, match="same class folders") as info:
+        scan_image_folder(data)
+    errors.append(info.value)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="unreadable image") as info:
+        check_images([bad])
+    errors.append(info.value)
+    for error in errors:
+        assert not isinstance(error, CommandError)
+        assert not str(error).startswith("--"), error
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--img-size", "0"], "--img-size (data.img_size): "),
+    (["--batch-size", "0"], "--batch-size (data.batch_size): "),
+    (["--epochs", "0"], "--epochs (sched.epochs): "),
+    (["--lr", "-1"], "--lr (optim.lr): "),
+    (["--num-classes", "0"], "--num-classes (model.num_classes): "),
+    (["--config", "nope"], "--config: no recipe 'nope'"),
+    (["--set", "optim.lrr=1"], "--set: unknown config key 'optim.lrr'"),
+    (["--set", "data.img_size=0"], "--set data.img_size=0: expected an integer"),
+])
+def test_config_errors_name_the_option(args: list[str], needle: str,
+                                       capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run(["train", "--print-config"] + args, capsys)
+    assert_one_line_error(code, err, needle)
