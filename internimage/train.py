@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,8 @@ from internimage.data import ImageDecodeError
 from internimage.files import atomic_path, atomic_write_text
 from internimage.train_config import dump_config
 
-__all__ = ["Trainer", "build_param_groups", "STATE_FORMAT", "RESUMABLE_KEYS", "SETUP_ERRORS"]
+__all__ = ["Trainer", "train_one_epoch", "validate", "batches", "build_param_groups",
+           "STATE_FORMAT", "RESUMABLE_KEYS", "SETUP_ERRORS"]
 
 STATE_FORMAT = "internimage-train-state/1"
 #: Keys that may change when resuming: they do not change the computation.
@@ -217,10 +219,6 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
 class _ValShard(torch.utils.data.Sampler):
     """Indices ``rank, rank + world, ...``: every validation image exactly once overall."""
 
@@ -232,6 +230,131 @@ class _ValShard(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch of training, one pass of validation
+
+
+def batches(loader: DataLoader) -> Iterator[Any]:
+    """Iterates ``loader``; an image that cannot be decoded (also in a worker process) is one
+    :class:`~internimage.data.ImageDecodeError` whose message starts with ``data.dir``."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except ImageDecodeError as error:
+            text = str(error)
+            if "Original Traceback" in text:  # re-raised from a DataLoader worker
+                text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+            raise ImageDecodeError(f"data.dir: {text}") from error
+        yield batch
+
+
+def train_one_epoch(
+    model: nn.Module, loader: DataLoader, optimizer: Any, loss_fn: nn.Module, *,
+    device: torch.device, scheduler: Any, scaler: Any, global_step: int,
+    autocast: Any = nullcontext, ema: Any = None, mixup: Any = None,
+    clip_grad: float | None = None, world: int = 1, epoch: int | None = None,
+    desc: str | None = None,
+) -> tuple[list[float], int]:
+    """One epoch: forward (under ``autocast``), loss, backward through ``scaler``, optional
+    gradient clipping, optimizer step, per-step ``scheduler.step_update`` and EMA update.
+
+    ``model`` may be wrapped in ``DistributedDataParallel``; clipping and the EMA use the
+    module inside. A non-finite loss raises ``FloatingPointError`` (naming ``epoch``, 0-based,
+    if given). ``desc`` shows a progress bar. Returns ``([loss * n, correct top-1 (without
+    mixup), n] summed over this process's batches, global_step after the epoch)``.
+    """
+    from tqdm import tqdm
+
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model.train()
+    started = time.perf_counter()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    seen = 0
+    with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
+              dynamic_ncols=True, disable=desc is None) as bar:
+        for step, (images, targets) in enumerate(batches(loader)):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            hard_targets = targets
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with autocast():
+                logits = model(images)
+                loss = loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged: the loss is {loss.item()} at "
+                    + (f"epoch {epoch + 1}, " if epoch is not None else "")
+                    + f"step {step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower "
+                    "optim.lr or set optim.clip_grad"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            scheduler.step_update(num_updates=global_step)
+            if ema is not None:
+                ema.update(module, step=global_step)
+            n = images.shape[0]
+            seen += n
+            sums[0] += loss.detach().double().item() * n
+            if mixup is None:
+                sums[1] += (logits.argmax(-1) == hard_targets).sum().item()
+            sums[2] += n
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen * world / max(elapsed, 1e-9):.1f}", refresh=False)
+            bar.update(1)
+    return sums.tolist(), global_step
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, loader: DataLoader, device: torch.device, autocast: Any = nullcontext,
+    reduce: Any = None, desc: str | None = None,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` in eval mode over ``loader``.
+
+    ``reduce`` sums the per-process ``[loss * n, top-1, top-5, n]`` across processes (exact
+    for sharded validation); ``desc`` shows a progress bar. The model's train/eval mode is
+    restored. Returns ``{'loss', 'acc1', 'acc5', 'count'}``.
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1, top-5, n
+    with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
+              dynamic_ncols=True, disable=desc is None) as bar:
+        for images, targets in batches(loader):
+            images, targets = images.to(device), targets.to(device)
+            with autocast():
+                logits = model(images).float()
+            sums[0] += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            sums[1] += (top[:, 0] == targets).sum().item()
+            sums[2] += (top == targets[:, None]).any(-1).sum().item()
+            sums[3] += images.shape[0]
+            bar.update(1)
+    model.train(was_training)
+    loss, top1, top5, count = reduce(sums) if reduce is not None else sums
+    total = max(count, 1)
+    return {"loss": loss / total, "acc1": top1 / total * 100, "acc5": top5 / total * 100,
+            "count": int(count)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
 
 
 class Trainer:
@@ -472,14 +595,14 @@ class Trainer:
             torch.use_deterministic_algorithms(saved_deterministic)
             self.ctx.close()
 
-    def _train(self, model: nn.Module, train_ds: Any, val_ds: Any, classes: list[str],
-               num_classes: int, data_config: dict[str, Any], device: torch.device) -> int:
+    def _setup_training(self, model: nn.Module, train_ds: Any, val_ds: Any, num_classes: int,
+                        device: torch.device) -> SimpleNamespace:
+        """Loaders, optimizer, scheduler, EMA, grad scaler, mixup, loss and the DDP wrapper."""
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
-        from tqdm import tqdm
 
         cfg, ctx = self.cfg, self.ctx
         dcfg, ocfg, scfg, acfg, tcfg = (cfg["data"], cfg["optim"], cfg["sched"], cfg["aug"],
@@ -495,8 +618,7 @@ class Trainer:
         val_loader = DataLoader(val_ds, batch_size=dcfg["batch_size"],
                                 sampler=_ValShard(len(val_ds), ctx.rank, ctx.world),
                                 **loader_kwargs)
-        steps_per_epoch = len(train_loader)
-        if steps_per_epoch == 0:
+        if len(train_loader) == 0:
             raise ValueError(
                 f"data.batch_size: {dcfg['batch_size']} is more than the "
                 f"{len(train_sampler)} training images per process (mixup/cutmix drop "
@@ -523,32 +645,46 @@ class Trainer:
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=scfg["name"], num_epochs=scfg["epochs"],
             warmup_epochs=scfg["warmup_epochs"], warmup_lr=warmup_lr, min_lr=min_lr,
-            step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+            step_on_epochs=False, updates_per_epoch=len(train_loader),
         )
-        ema = ModelEmaV3(model, decay=cfg["ema"]["decay"], use_warmup=cfg["ema"]["warmup"]) \
-            if cfg["ema"]["enabled"] else None
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg["amp"])
-        scaler = torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16")
-        mixup = Mixup(mixup_alpha=acfg["mixup"], cutmix_alpha=acfg["cutmix"],
-                      prob=acfg["mixup_prob"], switch_prob=acfg["mixup_switch_prob"],
-                      label_smoothing=acfg["label_smoothing"], num_classes=num_classes) \
-            if mixup_active else None
-        criterion: nn.Module = SoftTargetCrossEntropy() if mixup_active else \
-            nn.CrossEntropyLoss(label_smoothing=acfg["label_smoothing"])
         ddp_model: nn.Module = model
         if ctx.world > 1:
             ddp_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+        return SimpleNamespace(
+            train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
+            lr=lr, lr_scale=scale, optimizer=optimizer, scheduler=scheduler,
+            ema=ModelEmaV3(model, decay=cfg["ema"]["decay"], use_warmup=cfg["ema"]["warmup"])
+            if cfg["ema"]["enabled"] else None,
+            scaler=torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16"),
+            mixup=Mixup(mixup_alpha=acfg["mixup"], cutmix_alpha=acfg["cutmix"],
+                        prob=acfg["mixup_prob"], switch_prob=acfg["mixup_switch_prob"],
+                        label_smoothing=acfg["label_smoothing"], num_classes=num_classes)
+            if mixup_active else None,
+            loss_fn=SoftTargetCrossEntropy() if mixup_active else
+            nn.CrossEntropyLoss(label_smoothing=acfg["label_smoothing"]),
+            ddp_model=ddp_model,
+            autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype
+            else nullcontext,
+        )
 
+    def _train(self, model: nn.Module, train_ds: Any, val_ds: Any, classes: list[str],
+               num_classes: int, data_config: dict[str, Any], device: torch.device) -> int:
+        """The epoch loop: :func:`train_one_epoch`, :func:`validate` (model and EMA), save."""
+        cfg, ctx = self.cfg, self.ctx
+        dcfg, tcfg = cfg["data"], cfg["train"]
+        run = self._setup_training(model, train_ds, val_ds, num_classes, device)
         start_epoch, global_step, history = 0, 0, []
         if self.resume is not None:
-            state = self._load_state(model, optimizer, scheduler, ema, scaler, device)
+            state = self._load_state(model, run.optimizer, run.scheduler, run.ema, run.scaler,
+                                     device)
             start_epoch, global_step, history = (state["epoch"], state["global_step"],
                                                  state["history"])
         else:
             _seed_all(tcfg["seed"] + ctx.rank)  # per-rank augmentation / drop-path streams
 
-        epochs = scfg["epochs"]
+        epochs = cfg["sched"]["epochs"]
         from internimage.flops import count_params
 
         self.log(
@@ -558,7 +694,7 @@ class Trainer:
             f"{len(train_ds)} train / {len(val_ds)} val images at "
             f"{data_config['input_size'][-1]}px; {ctx.world} process(es) on {device}"
             + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
-            + f"; batch {dcfg['batch_size']}x{ctx.world}, lr {lr:.3g}, {epochs} epochs; "
+            + f"; batch {dcfg['batch_size']}x{ctx.world}, lr {run.lr:.3g}, {epochs} epochs; "
             f"output {self.out}"
         )
         if start_epoch >= epochs:
@@ -567,75 +703,36 @@ class Trainer:
         if start_epoch:
             self.log(f"resuming after epoch {start_epoch} (step {global_step})")
 
-        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype \
-            else nullcontext
+        progress = not self.quiet and ctx.main and sys.stderr.isatty()
         run_started = time.perf_counter()
         epochs_this_run = 0
         for epoch in range(start_epoch, epochs):
-            train_sampler.set_epoch(epoch)
-            ddp_model.train()
+            run.train_sampler.set_epoch(epoch)
             started = time.perf_counter()
-            sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-            seen = 0
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs} train",
-                       unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True,
-                       disable=self.quiet or not ctx.main or not sys.stderr.isatty())
-            try:
-                for step, (images, targets) in enumerate(self._batches(train_loader)):
-                    images = images.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    hard_targets = targets
-                    if mixup is not None:
-                        images, targets = mixup(images, targets)
-                    with autocast():
-                        logits = ddp_model(images)
-                        loss = criterion(logits.float(), targets)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"training diverged: the loss is {loss.item()} at epoch "
-                            f"{epoch + 1}, step {step + 1} (lr "
-                            f"{optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or set "
-                            "optim.clip_grad"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if ocfg["clip_grad"]:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), ocfg["clip_grad"])
-                    scaler.step(optimizer)
-                    scaler.update()
-                    global_step += 1
-                    scheduler.step_update(num_updates=global_step)
-                    if ema is not None:
-                        ema.update(model, step=global_step)
-                    n = images.shape[0]
-                    seen += n
-                    sums[0] += loss.detach().double().item() * n
-                    if mixup is None:
-                        sums[1] += (logits.argmax(-1) == hard_targets).sum().item()
-                    sums[2] += n
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
-                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{seen * ctx.world / max(elapsed, 1e-9):.1f}",
-                                    refresh=False)
-                    bar.update(1)
-            finally:
-                bar.close()
+            sums, global_step = train_one_epoch(
+                run.ddp_model, run.train_loader, run.optimizer, run.loss_fn, device=device,
+                scheduler=run.scheduler, scaler=run.scaler, global_step=global_step,
+                autocast=run.autocast, ema=run.ema, mixup=run.mixup,
+                clip_grad=cfg["optim"]["clip_grad"], world=ctx.world, epoch=epoch,
+                desc=f"epoch {epoch + 1}/{epochs} train" if progress else None,
+            )
             train_time = time.perf_counter() - started
-            loss_sum, correct, count = ctx.sum(sums.tolist())
+            loss_sum, correct, count = ctx.sum(sums)
 
             val_started = time.perf_counter()
-            val = self._evaluate(model, val_loader, device, autocast, f"epoch {epoch + 1} val")
-            ema_val = self._evaluate(ema.module, val_loader, device, autocast,
-                                     f"epoch {epoch + 1} val (EMA)") if ema is not None else {}
+            val = validate(model, run.val_loader, device, run.autocast, reduce=ctx.sum,
+                           desc=f"epoch {epoch + 1} val" if progress else None)
+            ema_val = validate(run.ema.module, run.val_loader, device, run.autocast,
+                               reduce=ctx.sum,
+                               desc=f"epoch {epoch + 1} val (EMA)" if progress else None) \
+                if run.ema is not None else {}
             val_time = time.perf_counter() - val_started
+            group = run.optimizer.param_groups[0]
             record = {
                 "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
-                    "lr_scale", 1.0),
+                "lr": group["lr"] / group.get("lr_scale", 1.0),
                 "train_loss": loss_sum / count,
-                "train_acc1": (correct / count * 100) if mixup is None else None,
+                "train_acc1": (correct / count * 100) if run.mixup is None else None,
                 "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
                 "ema_val_loss": ema_val.get("loss"), "ema_val_acc1": ema_val.get("acc1"),
                 "ema_val_acc5": ema_val.get("acc5"),
@@ -645,13 +742,13 @@ class Trainer:
             history.append(record)
             rng = ctx.gather(_rng_state(device))
             if ctx.main:
-                self._save(model, ema, optimizer, scheduler, scaler, epoch + 1, global_step,
-                           history, rng, classes, num_classes, data_config)
+                self._save(model, run.ema, run.optimizer, run.scheduler, run.scaler, epoch + 1,
+                           global_step, history, rng, classes, num_classes, data_config)
             self.log(
                 f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}"
-                + (f", train acc {record['train_acc1']:.2f}%" if mixup is None else "")
+                + (f", train acc {record['train_acc1']:.2f}%" if run.mixup is None else "")
                 + f", val loss {val['loss']:.4f}, val acc {val['acc1']:.2f}%"
-                + (f" (EMA {ema_val['acc1']:.2f}%)" if ema is not None else "")
+                + (f" (EMA {ema_val['acc1']:.2f}%)" if run.ema is not None else "")
                 + f", lr {record['lr']:.3g}, {train_time + val_time:.1f} s "
                 f"({record['train_images_per_s']:.1f} img/s)"
             )
@@ -673,48 +770,6 @@ class Trainer:
             + f", best {best['val_acc1']:.2f}% at epoch {best['epoch']}; outputs in {self.out}"
         )
         return 0
-
-    def _batches(self, loader: DataLoader) -> Iterator[Any]:
-        """Iterates ``loader``; a decoding error raised in a worker keeps its one-line
-        message."""
-        iterator = iter(loader)
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except ImageDecodeError as error:
-                text = str(error)
-                if "Original Traceback" in text:  # re-raised from a DataLoader worker
-                    text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-                raise ImageDecodeError(f"data.dir: {text}") from error
-            yield batch
-
-    @torch.no_grad()
-    def _evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
-                  autocast: Any, desc: str) -> dict[str, float]:
-        from tqdm import tqdm
-
-        was_training = model.training
-        model.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1, top-5, n
-        with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
-                  dynamic_ncols=True,
-                  disable=self.quiet or not self.ctx.main or not sys.stderr.isatty()) as bar:
-            for images, targets in self._batches(loader):
-                images, targets = images.to(device), targets.to(device)
-                with autocast():
-                    logits = model(images).float()
-                sums[0] += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                sums[1] += (top[:, 0] == targets).sum().item()
-                sums[2] += (top == targets[:, None]).any(-1).sum().item()
-                sums[3] += images.shape[0]
-                bar.update(1)
-        model.train(was_training)
-        loss, top1, top5, count = self.ctx.sum(sums)
-        count = max(count, 1)
-        return {"loss": loss / count, "acc1": top1 / count * 100, "acc5": top5 / count * 100}
 
     # -- persistence -----------------------------------------------------------------------
 
