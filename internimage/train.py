@@ -607,7 +607,10 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         dcfg, ocfg, scfg, acfg, tcfg = (cfg["data"], cfg["optim"], cfg["sched"], cfg["aug"],
                                         cfg["train"])
-        model.to(device)
+        # Channels-last conv weights, like the activations: the gradients of 1x1 and depthwise
+        # kernels come out channels-last, and DDP's buckets follow the parameters' strides
+        # (else every rank warns "Grad strides do not match bucket view strides").
+        model.to(device, memory_format=torch.channels_last)
         mixup_active = acfg["mixup"] > 0 or acfg["cutmix"] > 0
         train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank,
                                            shuffle=True, seed=tcfg["seed"], drop_last=False)
