@@ -690,6 +690,14 @@ class Trainer:
         epochs = cfg["sched"]["epochs"]
         from internimage.flops import count_params
 
+        if cfg["optim"]["lr_base_batch"]:
+            base = cfg["optim"]["lr_base_batch"]
+            self.note(
+                f"optim.lr {cfg['optim']['lr']:.3g} is per {base} images "
+                f"(optim.lr_base_batch): the total batch of {dcfg['batch_size'] * ctx.world} "
+                f"({dcfg['batch_size']} x {ctx.world} process(es)) scales it by "
+                f"{run.lr_scale:.3g} to {run.lr:.3g} (warmup_lr and min_lr too); set "
+                "optim.lr_base_batch=null to use optim.lr as it is")
         self.log(
             f"internimage train: {cfg['model']['name']} ({count_params(model) / 1e6:.2f}M "
             f"params, {num_classes} classes) on "

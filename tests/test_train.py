@@ -391,3 +391,16 @@ def test_config_errors_name_the_option(args: list[str], needle: str,
                                        capsys: pytest.CaptureFixture) -> None:
     code, _, err = run(["train", "--print-config"] + args, capsys)
     assert_one_line_error(code, err, needle)
+
+
+def test_lr_scaling_is_told(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """optim.lr is per optim.lr_base_batch images: the run says what it became."""
+    args = TINY + ["--epochs", "1", "--lr", "2e-5", "--set", "optim.lr_base_batch=512",
+                   "--output", str(tmp_path / "run")]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    note = next(line for line in err.splitlines() if "lr_base_batch" in line)
+    assert "2e-05" in note and "512" in note and "32" in note and "1.25e-06" in note, note
+    assert "lr 1.25e-06" in stdout
+    code, _, err = run(TINY + ["--epochs", "1", "--output", str(tmp_path / "abs")], capsys)
+    assert code == 0 and "lr_base_batch" not in err  # digits_tiny: absolute LR, nothing to say
