@@ -404,3 +404,31 @@ def test_lr_scaling_is_told(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "lr 1.25e-06" in stdout
     code, _, err = run(TINY + ["--epochs", "1", "--output", str(tmp_path / "abs")], capsys)
     assert code == 0 and "lr_base_batch" not in err  # digits_tiny: absolute LR, nothing to say
+
+
+def test_ctrl_c_prints_the_resume_command(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import internimage.train as train_module
+
+    real = train_module.train_one_epoch
+    calls = []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_in_epoch_2)
+    out = tmp_path / "run"
+    code, _, err = run(TINY + ["--output", str(out)], capsys)
+    assert code == 130
+    assert f"internimage train --resume {out}" in err and "epoch 1" in err, err
+    assert err.strip().splitlines()[-1] == "internimage train: interrupted"
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
+
+    calls.clear()
+    calls.append(1)  # the next call is "epoch 2": interrupted before any epoch finished
+    code, _, err = run(TINY + ["--output", str(tmp_path / "early")], capsys)
+    assert code == 130 and "--resume" not in err and "no epoch finished" in err, err
+    assert not (tmp_path / "early").exists()

@@ -148,6 +148,28 @@ def _with_option(message: str, set_by: dict[str, str]) -> str:
     return f"{option}: {rest}" if option.startswith("--set ") else f"{option} ({key}): {rest}"
 
 
+def _resume_hint(trainer: Any) -> None:
+    """After Ctrl-C: where the run stands and how to continue it (rank 0 only)."""
+    import sys
+
+    import torch
+
+    ctx, out = getattr(trainer, "ctx", None), getattr(trainer, "out", None)
+    if ctx is None or not ctx.main or out is None:
+        return
+    state = Path(out) / "state.pt"
+    if not state.is_file():
+        print("note: interrupted before the first epoch finished (no epoch finished, nothing "
+              "to resume)", file=sys.stderr)
+        return
+    try:
+        epoch = torch.load(state, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception:  # interrupted while it was written: the previous one was replaced
+        epoch = "the last"
+    print(f"note: interrupted; '{out}' holds the run after epoch {epoch}; continue it with: "
+          f"internimage train --resume {out}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Resolves the config, then trains (or prints the config with --print-config)."""
     from internimage.train import SETUP_ERRORS, Trainer
@@ -160,10 +182,15 @@ def run(args: argparse.Namespace) -> int:
     set_by = {key: option for option, dest, key in SHORTHANDS
               if getattr(args, dest) is not None}
     set_by.update({text.partition("=")[0].strip(): f"--set {text}" for text in args.overrides})
+    trainer = None
     try:
         trainer = Trainer(cfg, recipe, resume, output=args.output, stop_after=args.stop_after,
                           quiet=args.quiet)
         return trainer.run()
+    except KeyboardInterrupt:
+        if trainer is not None:
+            _resume_hint(trainer)
+        raise
     except CommandError:
         raise
     except SETUP_ERRORS as error:
