@@ -302,6 +302,16 @@ def test_export_onnx(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
                              "--onnx", str(out), "--img-size", "32"], capsys)
     assert code == 0, err
     assert out.is_file() and out.stat().st_size > 0 and "wrote" in stdout
+    # an existing file is kept unless --force is given (as convert does)
+    out.write_bytes(b"keep me")
+    args = ["export", "--checkpoint", str(trained / "model.safetensors"), "--onnx", str(out),
+            "--img-size", "32"]
+    code, _, err = run(args, capsys)
+    assert_one_line_error(code, err, "export", "--onnx", "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    code, stdout, err = run(args + ["--force"], capsys)
+    assert code == 0, err
+    assert out.stat().st_size > 1000
 
 
 class _Payload:

@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--custom-op", action="store_true",
                    help="emit the DCNv3 custom op instead of its standard-op decomposition")
     p.add_argument("--static-batch", action="store_true", help="fixed batch dimension of 1")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --onnx file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.onnx)
     if out.suffix != ".onnx":
         raise CommandError(f"--onnx: expected a path ending in '.onnx', got '{out}'")
+    if out.exists() and not args.force:
+        raise CommandError(f"--onnx: '{out}' exists; pass --force to overwrite it")
     if args.img_size is not None and args.img_size < 32:
         raise CommandError(f"--img-size: expected an integer >= 32, got {args.img_size}")
     device = torch.device("cpu")
