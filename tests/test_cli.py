@@ -413,3 +413,26 @@ def test_img_size_zero_or_negative_is_refused(size: str, tmp_path: Path,
     }.items():
         code, _, err = run(args + ["--img-size", size], capsys)
         assert_one_line_error(code, err, command, "--img-size", f"got {size}")
+
+
+def test_predict_a_folder(trained: Path, digit_images: list[Path], tmp_path: Path,
+                          capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    folder = tmp_path / "images"
+    (folder / "more").mkdir(parents=True)
+    shutil.copy(digit_images[0], folder / "b.png")
+    shutil.copy(digit_images[1], folder / "more" / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred.json"
+    code, stdout, err = run(["predict", str(folder), str(digit_images[2]), "--checkpoint",
+                             str(trained / "model.safetensors"), "--top-k", "1",
+                             "--json", str(out)], capsys)
+    assert code == 0, err
+    images = [r["image"] for r in json.loads(out.read_text())]
+    assert images == [str(folder / "b.png"), str(folder / "more" / "a.png"),
+                      str(digit_images[2])]
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["predict", str(tmp_path / "empty"), "--checkpoint",
+                        str(trained / "model.safetensors")], capsys)
+    assert_one_line_error(code, err, "predict", "IMAGE", "no images", "empty")

@@ -19,12 +19,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(timm resolve_data_config + create_transform) and prints the top-k "
                     "classes with ImageNet names (or the class names a trained checkpoint "
                     "records).")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, or folders: every image in them (recursively, sorted)")
     add_weights_args(p)
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--img-size", type=int, default=None, help="override the input size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """The image files named, with each folder replaced by the images inside it."""
+    from internimage.data import IMAGE_EXTENSIONS
+
+    images: list[str] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise CommandError(f"IMAGE: no images in the folder '{path}' (extensions: "
+                                   f"{', '.join(IMAGE_EXTENSIONS)})")
+            images += [str(p) for p in found]
+        elif path.is_file():
+            images.append(name)
+        else:
+            raise CommandError(f"IMAGE: file not found: '{path}'")
+    return images
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from internimage.cli_common import resolve_device
     from internimage.files import atomic_write_text
 
-    for path in args.images:
-        if not Path(path).is_file():
-            raise CommandError(f"IMAGE: file not found: '{path}'")
+    images = _expand(args.images)
     if args.top_k < 1:
         raise CommandError(f"--top-k: expected an integer >= 1, got {args.top_k}")
     if args.img_size is not None and args.img_size < 32:
@@ -61,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     top_k = min(args.top_k, num_classes) if num_classes else args.top_k
 
     results = []
-    for path in args.images:
+    for path in images:
         try:
             with Image.open(path) as image:
                 tensor = transform(image.convert("RGB"))
