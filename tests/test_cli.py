@@ -97,6 +97,22 @@ def test_python_dash_m_and_console_script() -> None:
         assert result.returncode == 0 and result.stdout.startswith("internimage ")
 
 
+def test_version_reports_the_build(capsys: pytest.CaptureFixture) -> None:
+    from internimage import _C
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"internimage {internimage.__version__}\n"), out
+    assert f"torch {torch.__version__}" in out
+    assert (f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build") in out
+    assert "extension internimage._C:" in out and "CPU kernels" in out
+    assert f"CPU kernels in use: {_C.cpu_isa()}" in out
+    cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("internimage::dcnv3", "CUDA")
+    assert ("CUDA kernels" if cuda_kernels else "no CUDA kernels") in out
+
+
 def test_bad_command_line_is_exit_2(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
         main(["bench", "--batch-size", "eight"])
