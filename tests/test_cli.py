@@ -452,3 +452,30 @@ def test_predict_a_folder(trained: Path, digit_images: list[Path], tmp_path: Pat
     code, _, err = run(["predict", str(tmp_path / "empty"), "--checkpoint",
                         str(trained / "model.safetensors")], capsys)
     assert_one_line_error(code, err, "predict", "IMAGE", "no images", "empty")
+
+
+def test_convert_slices_a_22k_head_to_1k(original_pth: tuple[Path, dict], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import load_file
+
+    from internimage import imagenet22k_to_1k_indices
+
+    _, golden = original_pth
+    state = {k: v.float() for k, v in golden["state_dict"].items()}
+    hidden = state["head.weight"].shape[1]
+    state["head.weight"] = torch.randn(21841, hidden)
+    state["head.bias"] = torch.randn(21841)
+    src = tmp_path / "tiny_22k.pth"
+    torch.save({"model": state}, src)
+    dst = tmp_path / "tiny_1k.safetensors"
+    code, stdout, err = run(["convert", str(src), str(dst), "--model", "internimage_t",
+                             *TINY_ARCH, "--num-classes", "1000"], capsys)
+    assert code == 0, err
+    assert "num_classes 1000" in stdout
+    tensors = load_file(str(dst))
+    rows = imagenet22k_to_1k_indices()
+    assert torch.equal(tensors["head.fc.weight"], state["head.weight"][rows])
+    assert torch.equal(tensors["head.fc.bias"], state["head.bias"][rows])
+    code, _, err = run(["convert", str(src), str(tmp_path / "x.safetensors"), "--model",
+                        "internimage_t", *TINY_ARCH, "--num-classes", "0"], capsys)
+    assert_one_line_error(code, err, "convert", "--num-classes", "got 0")

@@ -21,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", metavar="OUT.safetensors", help="output file")
     p.add_argument("--model", required=True, help="variant, e.g. internimage_t")
     add_model_arg(p)
+    p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="classes of the written head (default: the checkpoint's); 1000 for an "
+                        "ImageNet-22k checkpoint keeps the ImageNet-1k rows of its 21841-class "
+                        "head (the original's map22kto1k.txt)")
     p.add_argument("--use-ema", action="store_true", help="convert 'model_ema' if present")
     p.add_argument("--force", action="store_true", help="overwrite OUT.safetensors")
 
@@ -47,13 +51,22 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--model: convert needs a registered variant (e.g. internimage_t); "
                            "describe other architectures with --model-arg")
     model_args = parse_model_args(args.model_args)
+    if "num_classes" in model_args:
+        raise CommandError("--model-arg: pass the number of classes with --num-classes")
+    head = {}
+    if args.num_classes is not None:
+        if args.num_classes < 1:
+            raise CommandError(f"--num-classes: expected an integer >= 1, got "
+                               f"{args.num_classes}")
+        head = {"num_classes": args.num_classes}
     if dst.exists() and not args.force:
         raise CommandError(f"DST: '{dst}' exists; pass --force to overwrite it")
     with torch.device("meta"):  # the architecture's arguments, checked before the file
-        build_model(args.model, kwargs=model_args)
+        build_model(args.model, kwargs=dict(model_args, **head))
     try:
         with atomic_path(dst, suffix=".safetensors") as tmp:
-            convert_checkpoint(src, tmp, args.model, use_ema=args.use_ema, **model_args)
+            convert_checkpoint(src, tmp, args.model, use_ema=args.use_ema, **head,
+                               **model_args)
             if model_args:  # record the architecture so predict/export can rebuild it
                 from safetensors.torch import load_file
 
