@@ -21,7 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = ["DigitsDataset", "digits_split", "ImageFolderData", "scan_image_folder",
-           "check_images", "ImageDecodeError", "IMAGE_EXTENSIONS"]
+           "scan_class_folders", "check_images", "eval_transform", "ImageDecodeError",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -112,6 +113,31 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def scan_class_folders(folder: str | Path) -> tuple[list[str], dict[str, list[Path]]]:
+    """One split of an ImageFolder tree: ``folder/<class>/<image>``.
+
+    Returns ``(sorted class names, {class: sorted image paths})``; a missing folder, no class
+    folders or a class folder without images are errors.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: '{folder}'")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
+                     and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(
+            f"'{folder}' has no class folders (expected {folder}/<class>/<image>)"
+        )
+    files = {cls: _images_in(folder / cls) for cls in classes}
+    empty = [cls for cls, paths in files.items() if not paths]
+    if empty:
+        raise ValueError(
+            f"class folder(s) without images in '{folder}': {empty[:5]}"
+            f"{' ...' if len(empty) > 5 else ''} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return classes, files
+
+
 def scan_image_folder(root: str | Path) -> dict[str, Any]:
     """Validates an ImageFolder tree and lists it.
 
@@ -130,20 +156,7 @@ def scan_image_folder(root: str | Path) -> dict[str, Any]:
                 f"'{root}' must contain '{split}/' (expected {root}/train/<class>/*.jpg "
                 f"and {root}/val/<class>/*.jpg), '{folder}' is missing"
             )
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
-                         and not p.name.startswith("."))
-        if not classes:
-            raise ValueError(
-                f"'{folder}' has no class folders (expected {folder}/<class>/<image>)"
-            )
-        files = {cls: _images_in(folder / cls) for cls in classes}
-        empty = [cls for cls, paths in files.items() if not paths]
-        if empty:
-            raise ValueError(
-                f"class folder(s) without images in '{folder}': {empty[:5]}"
-                f"{' ...' if len(empty) > 5 else ''} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
-            )
-        splits[split] = files
+        splits[split] = scan_class_folders(folder)[1]
     train_classes, val_classes = list(splits["train"]), list(splits["val"])
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
@@ -191,6 +204,19 @@ def load_rgb(path: str) -> Any:
     except Exception as error:
         raise ImageDecodeError(f"cannot decode image '{path}' ({_one_line(error)[:80]})") \
             from error
+
+
+def eval_transform(data_config: dict[str, Any]) -> Callable:
+    """timm's evaluation transform for a data config (resize, centre crop, normalise), as
+    validation during training uses it."""
+    from timm.data import create_transform
+
+    return create_transform(
+        data_config["input_size"], is_training=False,
+        interpolation=data_config["interpolation"], mean=data_config["mean"],
+        std=data_config["std"], crop_pct=data_config.get("crop_pct"),
+        crop_mode=data_config.get("crop_mode"),
+    )
 
 
 class ImageFolderData(Dataset):

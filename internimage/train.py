@@ -478,7 +478,7 @@ class Trainer:
         return config
 
     def _datasets(self, source: dict[str, Any], data_config: dict[str, Any]) -> tuple[Any, Any]:
-        from internimage.data import DigitsDataset, ImageFolderData
+        from internimage.data import DigitsDataset, ImageFolderData, eval_transform
 
         data = self.cfg["data"]
         size = data_config["input_size"][-1]
@@ -506,13 +506,8 @@ class Trainer:
             self.note("data.auto_augment: this Pillow rejects posterize with 0 bits, which "
                       "timm's increasing-severity RandAugment ('inc1') asks for at magnitude 10; "
                       "the posterize op's magnitude is capped at 9.99 (1 bit kept)")
-        val_tf = create_transform(
-            data_config["input_size"], is_training=False,
-            interpolation=data_config["interpolation"], mean=data_config["mean"],
-            std=data_config["std"], crop_pct=data_config.get("crop_pct"),
-            crop_mode=data_config.get("crop_mode"),
-        )
-        return ImageFolderData(source["train"], train_tf), ImageFolderData(source["val"], val_tf)
+        return (ImageFolderData(source["train"], train_tf),
+                ImageFolderData(source["val"], eval_transform(data_config)))
 
     def _output_dir(self) -> Path:
         if self.resume is not None:

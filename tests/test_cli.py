@@ -88,7 +88,7 @@ def test_python_dash_m_and_console_script() -> None:
     result = subprocess.run([sys.executable, "-m", "internimage", "--help"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for command in ("models", "bench", "predict", "convert", "export", "train"):
+    for command in ("models", "bench", "predict", "convert", "export", "train", "validate"):
         assert command in result.stdout
     script = Path(sys.executable).parent / "internimage"
     if script.exists():
@@ -479,3 +479,82 @@ def test_convert_slices_a_22k_head_to_1k(original_pth: tuple[Path, dict], tmp_pa
     code, _, err = run(["convert", str(src), str(tmp_path / "x.safetensors"), "--model",
                         "internimage_t", *TINY_ARCH, "--num-classes", "0"], capsys)
     assert_one_line_error(code, err, "convert", "--num-classes", "got 0")
+
+
+# --- validate ---
+
+
+def _digits_folder(root: Path, per_class: int = 3) -> Path:
+    """An ImageFolder of scikit-learn digits: root/<digit>/<i>.png (32x32 grey)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[int, int] = {}
+    for image, label in zip(digits.images, digits.target):
+        if counts.get(int(label), 0) >= per_class:
+            continue
+        counts[int(label)] = counts.get(int(label), 0) + 1
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image / 16 * 255).astype("uint8")
+        Image.fromarray(pixels).resize((32, 32)).save(folder / f"{counts[int(label)]}.png")
+    return root
+
+
+def test_validate_top1_top5_on_an_image_folder(trained: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from internimage.cli.common import model_from_checkpoint
+
+    data = _digits_folder(tmp_path / "digits")
+    out = tmp_path / "val.json"
+    checkpoint = str(trained / "model.safetensors")
+    code, stdout, err = run(["validate", str(data), "--checkpoint", checkpoint,
+                             "--batch-size", "7", "--json", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["images"] == 30 and result["classes"] == 10
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    assert f"top-1 {result['top1']:.2f}%" in stdout and f"top-5 {result['top5']:.2f}%" in stdout
+
+    # the same numbers, image by image, with the model's own eval transform
+    model, info = model_from_checkpoint(None, checkpoint, False, torch.device("cpu"))
+    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    top1 = top5 = 0
+    for path in sorted(data.rglob("*.png")):
+        with Image.open(path) as image:
+            x = transform(image.convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            ranked = model(x)[0].topk(5).indices.tolist()
+        label = info["class_names"].index(path.parent.name)
+        top1 += ranked[0] == label
+        top5 += label in ranked
+    assert result["top1"] == pytest.approx(top1 / 30 * 100, abs=100 / 30 + 1e-9)
+    assert result["top5"] == pytest.approx(top5 / 30 * 100, abs=100 / 30 + 1e-9)
+
+    # a train/val root validates its val/ split
+    (tmp_path / "root").mkdir()
+    data.rename(tmp_path / "root" / "val")
+    code, stdout2, err = run(["validate", str(tmp_path / "root"), "--checkpoint", checkpoint],
+                             capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1']:.2f}%" in stdout2
+
+
+def test_validate_errors(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoint = str(trained / "model.safetensors")
+    code, _, err = run(["validate", str(tmp_path / "nope"), "--checkpoint", checkpoint], capsys)
+    assert_one_line_error(code, err, "validate", "DIR", "folder not found")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["validate", str(tmp_path / "empty"), "--checkpoint", checkpoint], capsys)
+    assert_one_line_error(code, err, "validate", "DIR", "no class folders")
+    data = _digits_folder(tmp_path / "digits", per_class=1)
+    (data / "7").rename(data / "seven")
+    code, _, err = run(["validate", str(data), "--checkpoint", checkpoint], capsys)
+    assert_one_line_error(code, err, "validate", "DIR", "'seven'", "class names")
+    code, _, err = run(["validate", str(data), "--checkpoint", checkpoint, "--batch-size", "0"],
+                       capsys)
+    assert_one_line_error(code, err, "validate", "--batch-size", "got 0")

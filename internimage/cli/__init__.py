@@ -1,6 +1,7 @@
 """The ``internimage`` command (also ``python -m internimage``): one module per subcommand.
 
-Subcommands: ``models``, ``bench``, ``predict``, ``convert``, ``export``, ``train``; see
+Subcommands: ``models``, ``bench``, ``predict``, ``convert``, ``export``, ``train``,
+``validate``; see
 ``docs/cli.md`` or ``internimage <command> --help``. Each module ``internimage.cli.<command>``
 has ``add_parser(subparsers)`` and ``run(args) -> exit status``; the work is done by library
 modules. Bad input ends with a one-line ``internimage <command>: error: ...`` on stderr and
@@ -18,7 +19,7 @@ from types import ModuleType
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: The subcommands, in ``--help`` order; each is the module ``internimage.cli.<name>``.
-COMMANDS = ("models", "bench", "predict", "convert", "export", "train")
+COMMANDS = ("models", "bench", "predict", "convert", "export", "train", "validate")
 
 
 def _module(command: str) -> ModuleType:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="internimage",
         description="InternImage (DCNv3) for PyTorch and timm: list, benchmark, predict, "
-                    "convert, export and train.",
+                    "convert, export, train and validate.",
     )
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="show the versions of internimage and torch, the CUDA build, the "
