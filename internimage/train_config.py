@@ -153,10 +153,13 @@ def _unknown_key(key: str, where: str | None) -> ConfigError:
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + f"; sections are {', '.join(DEFAULTS)}", key
         )
-    hint = difflib.get_close_matches(parts[1] if len(parts) > 1 else "", DEFAULTS[section], n=1)
+    name = parts[1] if len(parts) > 1 else ""
+    hint = [f"{section}.{h}" for h in difflib.get_close_matches(name, DEFAULTS[section], n=1)]
+    if not hint:  # the key may live in another section ('train.epochs' is 'sched.epochs')
+        hint = [f"{other}.{name}" for other in DEFAULTS if name in DEFAULTS[other]][:1]
     return ConfigError(
         f"{prefix}unknown config key {key!r}"
-        + (f" (did you mean '{section}.{hint[0]}'?)" if hint else "")
+        + (f" (did you mean '{hint[0]}'?)" if hint else "")
         + f"; keys of '{section}' are {_known(section)}", key
     )
 

@@ -246,6 +246,10 @@ def test_unknown_config_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert_one_line_error(code, err, "unknown config key 'optim.lrr'", "'optim.lr'")
     code, _, err = run(["train", "--set", "optimizer.lr=0.1"], capsys)
     assert_one_line_error(code, err, "unknown config key 'optimizer.lr'")
+    # a key that exists in another section: the README once said --set train.epochs=2
+    code, _, err = run(["train", "--set", "train.epochs=2"], capsys)
+    assert_one_line_error(code, err, "unknown config key 'train.epochs'",
+                          "did you mean 'sched.epochs'")
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("base: digits_tiny\ndata:\n  batch_sise: 8\n")
     code, _, err = run(["train", "--config", str(recipe)], capsys)
