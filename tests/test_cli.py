@@ -189,6 +189,9 @@ def test_bench_train_mode(capsys: pytest.CaptureFixture) -> None:
     (["--model", "nonexistent_net"], "unknown model"),
     (["--compare", "nonexistent_net"], "--compare"),
     (["--batch-size", "0"], "--batch-size"),
+    # BatchNorm cannot train on one value per channel (batch 1, a 1x1 final map)
+    (["--train", "--batch-size", "1", "--img-size", "32", "--skip-op", "--compare", "none",
+      "--iters", "1", "--warmup", "0"], "--batch-size 1"),
 ])
 def test_bench_bad_arguments(capsys: pytest.CaptureFixture, args: list[str], needle: str) -> None:
     code, _, err = run(["bench", "--quiet"] + args, capsys)

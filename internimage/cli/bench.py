@@ -45,8 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from internimage.bench import run_bench
-    from internimage.cli.errors import CommandError
+    from internimage.cli.errors import CommandError, one_line
 
     if args.img_size is not None and args.img_size < 32:  # 0 must not mean "the default"
         raise CommandError(f"--img-size: expected an integer >= 32, got {args.img_size}")
-    return run_bench(args)
+    try:
+        return run_bench(args)
+    except ValueError as error:  # e.g. BatchNorm training on 1 value per channel (--train)
+        raise CommandError(f"{one_line(error)} (--batch-size {args.batch_size}, --img-size "
+                           f"{args.img_size or 'default'})") from error
