@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,18 @@ def resolve_recipe(name_or_path: str) -> Path:
     )
 
 
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _numbers(value: Any) -> Any:
+    """Floats written without a dot ('1e-3'), which YAML 1.1 (PyYAML) reads as strings."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
 def _known(section: str) -> str:
     return ", ".join(sorted(DEFAULTS[section]))
 
@@ -183,7 +196,7 @@ def _merge(cfg: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
                                       f"{value!r}", f"{section}.{key}")
                 cfg[section][key] = dict(value or {})
             else:
-                cfg[section][key] = copy.deepcopy(value)
+                cfg[section][key] = _numbers(copy.deepcopy(value))
 
 
 def load_recipe(path: str | Path, _depth: int = 0) -> dict[str, Any]:
@@ -242,7 +255,7 @@ def apply_override(cfg: dict[str, Any], text: str) -> str:
         message = " ".join(str(error).split())
         raise ConfigError(f"{key}: cannot parse value {raw!r} as YAML ({message})",
                           key) from error
-    set_key(cfg, key, value)
+    set_key(cfg, key, _numbers(value))
     return key
 
 

@@ -273,6 +273,22 @@ def test_existing_output_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
 # --- config ---
 
 
+def test_exponent_numbers_without_a_dot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; the docs write --set optim.lr=1e-3."""
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: digits_tiny\nsched:\n  min_lr: 1e-6\n  warmup_lr: 2E-5\n")
+    code, stdout, err = run(["train", "--print-config", "--config", str(recipe), "--set",
+                             "optim.lr=1e-3", "--set", "optim.betas=[0.9, 9.99e-1]",
+                             "--set", "data.auto_augment=rand-m9"], capsys)
+    assert code == 0, err
+    cfg = yaml.safe_load(stdout)
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["sched"]["min_lr"] == 1e-6
+    assert cfg["sched"]["warmup_lr"] == 2e-5 and cfg["optim"]["betas"] == [0.9, 0.999]
+    assert cfg["data"]["auto_augment"] == "rand-m9"  # other strings stay strings
+
+
 def test_print_config_and_overrides(capsys: pytest.CaptureFixture) -> None:
     code, stdout, _ = run(["train", "--print-config", "--lr", "0.01", "--set",
                            "optim.layer_decay=0.75", "--set", "ema.enabled=false"], capsys)
