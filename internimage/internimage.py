@@ -956,8 +956,9 @@ class InternImage(nn.Module):
 
     timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
     the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
-    ``device``, ``dtype``. Unknown keywords are ignored with a warning (the original ignores
-    them silently).
+    ``device``, ``dtype``. Unknown keywords raise ``TypeError``, as timm requires (the
+    original ignores them silently); invalid values raise ``ValueError`` / ``TypeError``
+    naming the argument, the expected and the given value.
 
     Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
     ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
