@@ -38,15 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internimage.cli_common import (
-    CommandError,
-    atomic_write_text,
-    build_model,
-    check_model_name,
-    one_line,
-    resolve_device,
-)
-from internimage.commands import format_table
+from internimage.cli.errors import CommandError, one_line
+from internimage.cli.table import format_table
+from internimage.cli_common import build_model, check_model_name, resolve_device
+from internimage.files import atomic_write_text
 
 __all__ = ["run_bench", "PeakMemory", "parse_dtype", "dcn_stage_shapes", "PATHS", "model_case",
            "prepare_case", "time_interleaved", "model_table", "gemm_peak_flops", "cpu_name"]
@@ -304,7 +299,7 @@ def prepare_case(case: Case, device: torch.device, warmup: int,
         case.peak_bytes = memory.peak()
         case.info["memory_method"] = memory.method
         return step
-    except (RuntimeError, NotImplementedError, ValueError, CommandError) as error:
+    except (RuntimeError, NotImplementedError, CommandError) as error:
         case.error = one_line(error)[:200]
         gc.collect()
         return None
@@ -324,7 +319,7 @@ def time_interleaved(steps: dict[Case, Callable[[], Any]], device: torch.device,
             try:
                 step()
                 _sync(device)
-            except (RuntimeError, NotImplementedError, ValueError) as error:
+            except (RuntimeError, NotImplementedError) as error:
                 case.error = one_line(error)[:200]
                 continue
             case.samples.append(time.perf_counter() - t0)
@@ -389,11 +384,12 @@ def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.0f}"
 
 
-def parse_paths(value: str | None, train: bool) -> list[str]:
-    """``--paths``: a comma-separated subset of :data:`PATHS` (default: all; with ``--train``
-    'eager' and 'compiled', as the optimized model is inference-only)."""
+def parse_paths(value: str | None, train: bool, cpu_float32: bool = True) -> list[str]:
+    """``--paths``: a comma-separated subset of :data:`PATHS` (default: all; 'eager' and
+    'compiled' with ``--train`` or off float32 CPU inference, where the optimized model, which
+    is float32 CPU inference only, cannot run)."""
     if value in (None, ""):
-        return ["eager", "compiled"] if train else list(PATHS)
+        return ["eager", "compiled"] if train or not cpu_float32 else list(PATHS)
     paths = [p.strip() for p in value.split(",") if p.strip()]
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
@@ -402,6 +398,9 @@ def parse_paths(value: str | None, train: bool) -> list[str]:
     if train and any("optimized" in p for p in paths):
         raise CommandError("--paths: 'optimized' is inference-only (optimize_for_inference "
                            "freezes the model); use eager or compiled with --train")
+    if not cpu_float32 and any("optimized" in p for p in paths):
+        raise CommandError("--paths: 'optimized' runs float32 on the CPU only "
+                           "(optimize_for_inference's fused kernels); use eager or compiled")
     return list(dict.fromkeys(paths))
 
 
@@ -440,7 +439,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise CommandError(f"--img-size: expected an integer >= 32, got {img_size}")
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
 
-    paths = parse_paths(args.paths, args.train)
+    paths = parse_paths(args.paths, args.train,
+                        cpu_float32=device.type == "cpu" and dtype == torch.float32)
     cases: list[Case] = []
     shapes = [] if args.skip_op else dcn_stage_shapes(probe, img_size)
     for shape in shapes:

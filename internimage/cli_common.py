@@ -1,23 +1,26 @@
-"""Helpers shared by the ``internimage`` subcommands: errors, atomic writes, model building,
-weight loading and the metadata stored next to the weights.
+"""Helpers shared by the ``internimage`` subcommands and the ``bench`` / ``train``
+libraries: devices, model building, and the checkpoint functions of
+:mod:`internimage.checkpoint` with errors that name the command-line option.
 
-Everything here is usable from Python too; the command-line layer (:mod:`internimage.cli`)
-turns :class:`CommandError` into a one-line message and a non-zero exit status.
+:func:`internimage.cli.main` turns :class:`CommandError` into a one-line message and a
+non-zero exit status.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import socket
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from internimage import checkpoint
+from internimage.checkpoint import checkpoint_num_classes, save_safetensors
+from internimage.cli.errors import CommandError, one_line
+from internimage.files import atomic_path, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "CommandError",
@@ -31,64 +34,12 @@ __all__ = [
     "read_safetensors_metadata",
     "save_safetensors",
     "one_line",
+    "checkpoint_num_classes",
+    "load_state_dict_file",
 ]
 
 #: Name of the bare :class:`internimage.InternImage` class, built from ``model.kwargs`` alone.
 CUSTOM_MODEL = "internimage"
-
-
-class CommandError(Exception):
-    """A user-facing error: the CLI prints it on one line (no traceback) and exits with 1."""
-
-
-def one_line(text: str) -> str:
-    """Collapses a message onto one line (newlines become '; ')."""
-    parts = [part.strip() for part in str(text).splitlines() if part.strip()]
-    return "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; on success it replaces ``path`` atomically
-    (``os.replace``), on error it is removed. ``suffix`` keeps an extension some writers need
-    (e.g. '.safetensors', '.png')."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
-                                    dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` (UTF-8) atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,52 +146,34 @@ def custom_pretrained_cfg(model: nn.Module, img_size: int = 224) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights
+# Weights (the library functions of internimage.checkpoint, with the command line's errors)
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file ({} for other files)."""
-    path = Path(path)
-    if path.suffix != ".safetensors" or not path.is_file():
-        return {}
-    from safetensors import safe_open
-
+def read_safetensors_metadata(path: str | os.PathLike,
+                              option: str = "--checkpoint") -> dict[str, str]:
+    """:func:`internimage.checkpoint.read_safetensors_metadata`; a damaged file is a
+    :class:`CommandError` naming ``option``."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:  # a corrupt header
-        raise CommandError(
-            f"'{path}': not a readable safetensors file ({one_line(error)})"
-        ) from error
+        return checkpoint.read_safetensors_metadata(path)
+    except ValueError as error:
+        raise CommandError(f"{option}: {one_line(error)}") from error
 
 
 def load_state_dict_file(
     path: str | os.PathLike, option: str = "--checkpoint"
 ) -> dict[str, Tensor]:
     """Tensors of an original ``.pth`` (any wrapper), a converted or trained ``.safetensors``
-    file, always loaded safely (``weights_only=True``)."""
-    from internimage.checkpoint import UnsafeCheckpointError, load_original_checkpoint
-
+    file, always loaded safely (``weights_only=True``). Whatever is wrong with the file is
+    one :class:`CommandError` naming ``option``."""
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"{option}: file not found: '{path}'")
     try:
-        return load_original_checkpoint(path)
-    except UnsafeCheckpointError as error:
-        raise CommandError(f"{option}: {error}") from error
-    except (ValueError, RuntimeError, OSError, EOFError) as error:
-        raise CommandError(
-            f"{option}: cannot read '{path}' as a checkpoint ({one_line(error)})"
-        ) from error
-
-
-def checkpoint_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
-    """The classifier size of a (converted) state dict, or None when it has no classifier."""
-    for key in ("head.fc.weight", "head.weight", "fc.weight", "classifier.weight"):
-        value = state_dict.get(key)
-        if isinstance(value, Tensor) and value.ndim == 2:
-            return int(value.shape[0])
-    return None
+        return checkpoint.load_original_checkpoint(path)
+    except ValueError as error:  # empty, text, damaged, unsafe, or no tensors
+        raise CommandError(f"{option}: {one_line(error)}") from error
+    except OSError as error:
+        raise CommandError(f"{option}: cannot read '{path}' ({one_line(error)})") from error
 
 
 def load_weights(
@@ -249,85 +182,11 @@ def load_weights(
     source: str,
     allow_head_reset: bool = False,
 ) -> list[str]:
-    """Loads (original-layout or converted) weights into ``model``.
-
-    The keys pass through :func:`internimage.checkpoint_filter_fn` for InternImage models.
-    With ``allow_head_reset`` a classifier of another size is skipped (the model keeps its
-    freshly initialised head); the returned notes say so. Any other mismatch raises
-    :class:`CommandError` naming the keys.
-    """
-    from internimage.internimage import InternImage, checkpoint_filter_fn
-
-    notes: list[str] = []
-    if isinstance(model, InternImage):
-        state_dict = checkpoint_filter_fn(state_dict, model)
-    state_dict = dict(state_dict)
-    target = model.state_dict()
-    classifier = _classifier_prefix(model)
-    if classifier is not None:
-        weight = state_dict.get(f"{classifier}.weight")
-        own = target.get(f"{classifier}.weight")
-        if weight is not None and own is not None and weight.shape[0] != own.shape[0]:
-            if not allow_head_reset:
-                raise CommandError(
-                    f"{source}: its classifier has {weight.shape[0]} classes, the model "
-                    f"{own.shape[0]}; pass the matching --num-classes"
-                )
-            for key in [k for k in state_dict if k.startswith(f"{classifier}.")]:
-                del state_dict[key]
-            notes.append(
-                f"the checkpoint's head has {weight.shape[0]} classes but --num-classes is "
-                f"{own.shape[0]}: the classifier head '{classifier}' was re-initialised"
-            )
-    bad_shapes = [
-        f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
-        for k, v in state_dict.items()
-        if k in target and isinstance(v, Tensor) and v.shape != target[k].shape
-    ]
-    if bad_shapes:
-        raise CommandError(
-            f"{source}: tensor shapes do not match the model: {bad_shapes[:4]}"
-            f"{' ...' if len(bad_shapes) > 4 else ''} (wrong --model?)"
-        )
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys
-               if classifier is None or not k.startswith(f"{classifier}.") or not notes]
-    if missing or result.unexpected_keys:
-        raise CommandError(
-            f"{source}: does not match the model (wrong --model?): missing keys "
-            f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected keys "
-            f"{result.unexpected_keys[:4]}{' ...' if len(result.unexpected_keys) > 4 else ''}"
-        )
-    return notes
-
-
-def _classifier_prefix(model: nn.Module) -> str | None:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    classifier = cfg.get("classifier")
-    if isinstance(classifier, str) and classifier:
-        return classifier
-    return None
-
-
-def save_safetensors(
-    path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, Any]
-) -> None:
-    """Atomically saves ``state_dict`` (cloning tensors that share storage) with string
-    metadata (non-string values are JSON-encoded)."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, value in state_dict.items():
-        value = value.detach().to("cpu").contiguous()
-        ptr = value.untyped_storage().data_ptr()
-        if ptr in seen:
-            value = value.clone()
-        seen.add(value.untyped_storage().data_ptr())
-        tensors[key] = value
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    """:func:`internimage.checkpoint.load_weights`; a mismatch is a :class:`CommandError`."""
+    try:
+        return checkpoint.load_weights(model, state_dict, source, allow_head_reset)
+    except checkpoint.CheckpointMismatchError as error:
+        raise CommandError(f"{one_line(error)} (wrong --model?)") from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ embedded default, scikit-learn's bundled handwritten digits (1797 8x8 images, 10
 download), upscaled to a small RGB input.
 
 Everything is validated up front (folders, classes, readable images) so a bad dataset fails
-before any output is written.
+before any output is written. Errors are ``FileNotFoundError`` (a missing folder),
+``ValueError`` (a bad layout or image; :class:`ImageDecodeError` while training) and
+``ImportError`` (the digits without scikit-learn).
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from internimage.cli_common import CommandError, one_line
-
 __all__ = ["DigitsDataset", "digits_split", "ImageFolderData", "scan_image_folder",
-           "check_images", "IMAGE_EXTENSIONS"]
+           "scan_class_folders", "check_images", "eval_transform", "ImageDecodeError",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
+
+
+class ImageDecodeError(ValueError):
+    """An image of the dataset could not be decoded while loading a batch."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,9 +53,9 @@ def digits_split(val_fraction: float = 0.2, seed: int = 0
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise CommandError(
-            "data.dir: no --data folder was given and the embedded digits data needs "
-            "scikit-learn (pip install 'internimage-timm[train]')"
+        raise ImportError(
+            "the embedded digits data (used when no image folder is given) needs scikit-learn: "
+            "pip install 'internimage-timm[train]'"
         ) from error
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)
@@ -104,6 +113,31 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def scan_class_folders(folder: str | Path) -> tuple[list[str], dict[str, list[Path]]]:
+    """One split of an ImageFolder tree: ``folder/<class>/<image>``.
+
+    Returns ``(sorted class names, {class: sorted image paths})``; a missing folder, no class
+    folders or a class folder without images are errors.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: '{folder}'")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
+                     and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(
+            f"'{folder}' has no class folders (expected {folder}/<class>/<image>)"
+        )
+    files = {cls: _images_in(folder / cls) for cls in classes}
+    empty = [cls for cls, paths in files.items() if not paths]
+    if empty:
+        raise ValueError(
+            f"class folder(s) without images in '{folder}': {empty[:5]}"
+            f"{' ...' if len(empty) > 5 else ''} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return classes, files
+
+
 def scan_image_folder(root: str | Path) -> dict[str, Any]:
     """Validates an ImageFolder tree and lists it.
 
@@ -113,35 +147,22 @@ def scan_image_folder(root: str | Path) -> dict[str, Any]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise CommandError(f"--data: folder not found: '{root}'")
+        raise FileNotFoundError(f"folder not found: '{root}'")
     splits: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
-            raise CommandError(
-                f"--data: '{root}' must contain '{split}/' (expected {root}/train/<class>/*.jpg "
+            raise ValueError(
+                f"'{root}' must contain '{split}/' (expected {root}/train/<class>/*.jpg "
                 f"and {root}/val/<class>/*.jpg), '{folder}' is missing"
             )
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
-                         and not p.name.startswith("."))
-        if not classes:
-            raise CommandError(
-                f"--data: '{folder}' has no class folders (expected {folder}/<class>/<image>)"
-            )
-        files = {cls: _images_in(folder / cls) for cls in classes}
-        empty = [cls for cls, paths in files.items() if not paths]
-        if empty:
-            raise CommandError(
-                f"--data: class folder(s) without images in '{folder}': {empty[:5]}"
-                f"{' ...' if len(empty) > 5 else ''} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
-            )
-        splits[split] = files
+        splits[split] = scan_class_folders(folder)[1]
     train_classes, val_classes = list(splits["train"]), list(splits["val"])
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise CommandError(
-            f"--data: train/ and val/ must have the same class folders; only in train: "
+        raise ValueError(
+            f"train/ and val/ must have the same class folders; only in train: "
             f"{only_train[:5]}, only in val: {only_val[:5]}"
         )
     out: dict[str, Any] = {"classes": train_classes}
@@ -153,7 +174,7 @@ def scan_image_folder(root: str | Path) -> dict[str, Any]:
 
 def check_images(paths: Sequence[Path], progress: Callable[[int], None] | None = None) -> None:
     """Opens every image (header and data integrity via PIL ``verify``); raises
-    :class:`CommandError` listing the unreadable ones."""
+    ``ValueError`` listing the unreadable ones."""
     from PIL import Image
 
     bad: list[str] = []
@@ -162,12 +183,12 @@ def check_images(paths: Sequence[Path], progress: Callable[[int], None] | None =
             with Image.open(path) as image:
                 image.verify()
         except Exception as error:  # PIL raises many types for corrupt files
-            bad.append(f"'{path}' ({one_line(error)[:80]})")
+            bad.append(f"'{path}' ({_one_line(error)[:80]})")
         if progress is not None:
             progress(i + 1)
     if bad:
-        raise CommandError(
-            f"--data: {len(bad)} unreadable image(s): {'; '.join(bad[:3])}"
+        raise ValueError(
+            f"{len(bad)} unreadable image(s): {'; '.join(bad[:3])}"
             f"{' ...' if len(bad) > 3 else ''}; remove or replace them"
         )
 
@@ -181,8 +202,21 @@ def load_rgb(path: str) -> Any:
             image = Image.open(handle)
             return image.convert("RGB")
     except Exception as error:
-        raise CommandError(f"--data: cannot decode image '{path}' ({one_line(error)[:80]})") \
+        raise ImageDecodeError(f"cannot decode image '{path}' ({_one_line(error)[:80]})") \
             from error
+
+
+def eval_transform(data_config: dict[str, Any]) -> Callable:
+    """timm's evaluation transform for a data config (resize, centre crop, normalise), as
+    validation during training uses it."""
+    from timm.data import create_transform
+
+    return create_transform(
+        data_config["input_size"], is_training=False,
+        interpolation=data_config["interpolation"], mean=data_config["mean"],
+        std=data_config["std"], crop_pct=data_config.get("crop_pct"),
+        crop_mode=data_config.get("crop_mode"),
+    )
 
 
 class ImageFolderData(Dataset):

@@ -367,8 +367,35 @@ def export_onnx(
             custom_translation_table=translations or None,
             verbose=False,
         )
+    if dynamic_batch:
+        _rename_batch_dim(onnx_program.model)
     onnx_program.save(path, external_data=external_data)
     return path
+
+
+def _rename_batch_dim(model: Any, name: str = "batch") -> None:
+    """Names the symbolic batch dimension ``name`` everywhere in the ONNX IR model. The
+    exporter names it after torch.export's symbol (e.g. 's77'), whatever ``Dim`` was called."""
+    import re
+
+    first = model.graph.inputs[0].shape[0]
+    if isinstance(first, int) or first.value is None:
+        return
+    pattern = re.compile(rf"\b{re.escape(first.value)}\b")
+    graphs = list(model.graphs()) + [f for f in model.functions.values()]
+    for graph in graphs:
+        values = list(graph.inputs) + list(graph.outputs)
+        values += [out for node in graph for out in node.outputs]
+        for value in values:
+            shape = value.shape
+            if shape is None or not any(
+                    not isinstance(d, int) and d.value and pattern.search(d.value)
+                    for d in shape):
+                continue
+            value.shape = type(shape)([
+                d if isinstance(d, int) or not d.value else pattern.sub(name, d.value)
+                for d in shape
+            ])
 
 
 def verify_onnx(

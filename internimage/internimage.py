@@ -27,6 +27,7 @@ stage activations are contiguous NHWC, so every Linear runs without a permute an
 # annotations into the code it generates, and TorchScript cannot resolve them as strings
 # (timm's scripted FX feature extractor).
 import logging
+import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
@@ -865,6 +866,19 @@ def _as_list(name: str, value: Any, length: int | None = None) -> list[int]:
     return values
 
 
+def _number(name: str, value: Any, expected: str, ok: Any) -> float:
+    """``float(value)`` if it is a real number (not a bool) for which ``ok`` holds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not ok(float(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
 class InternImage(nn.Module):
     """InternImage with the original constructor's keywords plus timm's.
 
@@ -885,8 +899,10 @@ class InternImage(nn.Module):
     resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
     branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
     ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``frozen_stages`` (the
-    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``.
-    Unknown keywords are ignored with a warning (the original ignores them silently).
+    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``. Unknown
+    keywords raise ``TypeError``, as timm requires (the original ignores them silently);
+    invalid values raise ``ValueError`` / ``TypeError`` naming the argument, the expected and
+    the given value.
 
     Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
     ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
@@ -956,6 +972,27 @@ class InternImage(nn.Module):
             isinstance(meta_dim, bool) or not isinstance(meta_dim, int) or meta_dim < 1
         ):
             raise ValueError(f"meta_dim must be None or an int >= 1, got {meta_dim!r}")
+        mlp_ratio = _number("mlp_ratio", mlp_ratio, "a finite number > 0", _positive)
+        offset_scale = _number("offset_scale", offset_scale, "a finite number > 0", _positive)
+        cls_scale = _number("cls_scale", cls_scale, "a finite number > 0", _positive)
+        drop_rate, drop_path_rate, head_drop_rate = (
+            _number(name, value, "in [0, 1)", lambda v: 0 <= v < 1)
+            for name, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate),
+                                ("head_drop_rate", head_drop_rate)))
+        if layer_scale is not None:
+            layer_scale = _number("layer_scale", layer_scale, "None or a finite number > 0",
+                                  _positive)
+        if isinstance(in_chans, bool) or not isinstance(in_chans, numbers.Integral) \
+                or in_chans < 1:
+            raise ValueError(f"in_chans must be an int >= 1, got {in_chans!r}")
+        in_chans = int(in_chans)
+        if dw_kernel_size is not None:
+            if isinstance(dw_kernel_size, bool) or not isinstance(dw_kernel_size,
+                                                                  numbers.Integral) \
+                    or dw_kernel_size < 1 or dw_kernel_size % 2 == 0:
+                raise ValueError(
+                    f"dw_kernel_size must be None or an odd int >= 1, got {dw_kernel_size!r}")
+            dw_kernel_size = int(dw_kernel_size)
         check_norm_layer(norm_layer)
         get_act_layer(act_layer)
         if use_clip_projector:

@@ -21,11 +21,9 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
-import math
 import os
 import random
 import shutil
@@ -34,6 +32,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -42,101 +41,32 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from internimage.checkpoint import save_safetensors
 from internimage.cli_common import (
     CUSTOM_MODEL,
     CommandError,
-    atomic_path,
-    atomic_write_text,
     build_model,
-    check_model_name,
     load_state_dict_file,
     load_weights,
-    one_line,
     resolve_device,
-    save_safetensors,
 )
-from internimage.train_config import (
-    apply_override,
-    dump_config,
-    load_recipe,
-    resolve_recipe,
-    set_key,
-    validate_config,
-)
+from internimage.data import ImageDecodeError
+from internimage.files import atomic_path, atomic_write_text
+from internimage.train_config import dump_config
 
-__all__ = ["run_train", "resolve_config", "build_param_groups", "STATE_FORMAT"]
+__all__ = ["Trainer", "train_one_epoch", "validate", "batches", "build_param_groups",
+           "STATE_FORMAT", "RESUMABLE_KEYS", "SETUP_ERRORS"]
 
 STATE_FORMAT = "internimage-train-state/1"
 #: Keys that may change when resuming: they do not change the computation.
 RESUMABLE_KEYS = {"data.dir", "data.num_workers", "data.check_images", "train.device",
                   "train.threads"}
+#: What a setup step raises for bad input (a config value, the data, a checkpoint); the command
+#: line prints these on one line.
+SETUP_ERRORS = (CommandError, ValueError, FileNotFoundError, ImportError, FloatingPointError)
 _METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
                   "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "train_time_s", "val_time_s",
                   "train_images_per_s"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], str, Path | None]:
-    """The run's config from the recipe, the shorthand options and ``--set`` overrides.
-
-    Returns ``(config, recipe name, resume folder or None)``.
-    """
-    shorthands = [
-        ("data.dir", args.data), ("model.checkpoint", args.checkpoint),
-        ("model.num_classes", args.num_classes), ("sched.epochs", args.epochs),
-        ("data.batch_size", args.batch_size), ("optim.lr", args.lr),
-        ("data.img_size", args.img_size),
-    ]
-    if args.resume is not None:
-        resume = Path(args.resume)
-        for option, value in (("--output", args.output), ("--config", args.config)):
-            if value is not None:
-                raise CommandError(f"{option}: not allowed with --resume (the run continues in "
-                                   f"'{resume}' with its own config.yaml)")
-        if not (resume / "config.yaml").is_file():
-            raise CommandError(f"--resume: '{resume}' is not a training output folder "
-                               "(no config.yaml)")
-        cfg = load_recipe(resume / "config.yaml")
-        changed = [key for key, value in shorthands if value is not None]
-        if args.model is not None:
-            changed.append("model.name")
-        changed += [text.partition("=")[0].strip() for text in args.overrides]
-        fixed = [key for key in changed if key not in RESUMABLE_KEYS]
-        if fixed:
-            raise CommandError(
-                f"--resume: {', '.join(fixed)} cannot change when resuming (the run would no "
-                f"longer be the one that was interrupted; only {', '.join(sorted(RESUMABLE_KEYS))}"
-                f" can); start a new run with --checkpoint {resume / 'model.safetensors'} instead"
-            )
-        recipe = str(resume / "config.yaml")
-    else:
-        if args.config is not None:
-            path = resolve_recipe(args.config)
-        elif args.data is None:
-            path = resolve_recipe("digits_tiny")
-        else:
-            model = args.model or "internimage_t"
-            try:
-                path = resolve_recipe(f"{model}_ft")
-            except CommandError:
-                path = resolve_recipe("finetune")
-        cfg = load_recipe(path)
-        recipe = path.stem
-        resume = None
-    if args.model is not None:
-        check_model_name(args.model)
-        set_key(cfg, "model.name", args.model, "--model")
-        set_key(cfg, "model.kwargs", {}, "--model")
-    for key, value in shorthands:
-        if value is not None:
-            set_key(cfg, key, value, "--" + key.split(".")[1].replace("_", "-"))
-    for text in args.overrides:
-        apply_override(cfg, text)
-    validate_config(cfg)
-    return cfg, recipe, resume
 
 
 def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None,
@@ -237,14 +167,14 @@ class _Dist:
 def _setup_phase(ctx: _Dist, fn: Any) -> Any:
     """Runs ``fn`` on every rank; if any rank fails, every rank stops (the failing one with
     its own message)."""
-    error: CommandError | None = None
+    error: Exception | None = None
     result = None
     try:
         result = fn()
-    except CommandError as exc:
+    except SETUP_ERRORS as exc:
         error = exc
     if not ctx.all_ok(error is None):
-        raise error or CommandError("setup failed on another process (see its message)")
+        raise error or ValueError("setup failed on another process (see its message)")
     return result
 
 
@@ -289,10 +219,6 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-
-
 class _ValShard(torch.utils.data.Sampler):
     """Indices ``rank, rank + world, ...``: every validation image exactly once overall."""
 
@@ -306,19 +232,153 @@ class _ValShard(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-class Trainer:
-    """One ``internimage train`` invocation (see the module docstring)."""
+# ---------------------------------------------------------------------------------------------
+# One epoch of training, one pass of validation
 
-    def __init__(self, cfg: dict[str, Any], recipe: str, resume: Path | None,
-                 args: argparse.Namespace) -> None:
+
+def batches(loader: DataLoader) -> Iterator[Any]:
+    """Iterates ``loader``; an image that cannot be decoded (also in a worker process) is one
+    :class:`~internimage.data.ImageDecodeError` whose message starts with ``data.dir``."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except ImageDecodeError as error:
+            text = str(error)
+            if "Original Traceback" in text:  # re-raised from a DataLoader worker
+                text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+            raise ImageDecodeError(f"data.dir: {text}") from error
+        yield batch
+
+
+def train_one_epoch(
+    model: nn.Module, loader: DataLoader, optimizer: Any, loss_fn: nn.Module, *,
+    device: torch.device, scheduler: Any, scaler: Any, global_step: int,
+    autocast: Any = nullcontext, ema: Any = None, mixup: Any = None,
+    clip_grad: float | None = None, world: int = 1, epoch: int | None = None,
+    desc: str | None = None,
+) -> tuple[list[float], int]:
+    """One epoch: forward (under ``autocast``), loss, backward through ``scaler``, optional
+    gradient clipping, optimizer step, per-step ``scheduler.step_update`` and EMA update.
+
+    ``model`` may be wrapped in ``DistributedDataParallel``; clipping and the EMA use the
+    module inside. A non-finite loss raises ``FloatingPointError`` (naming ``epoch``, 0-based,
+    if given). ``desc`` shows a progress bar. Returns ``([loss * n, correct top-1 (without
+    mixup), n] summed over this process's batches, global_step after the epoch)``.
+    """
+    from tqdm import tqdm
+
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model.train()
+    started = time.perf_counter()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    seen = 0
+    with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
+              dynamic_ncols=True, disable=desc is None) as bar:
+        for step, (images, targets) in enumerate(batches(loader)):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            hard_targets = targets
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            with autocast():
+                logits = model(images)
+                loss = loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged: the loss is {loss.item()} at "
+                    + (f"epoch {epoch + 1}, " if epoch is not None else "")
+                    + f"step {step + 1} (lr {optimizer.param_groups[0]['lr']:.3g}); lower "
+                    "optim.lr or set optim.clip_grad"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(module.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            scheduler.step_update(num_updates=global_step)
+            if ema is not None:
+                ema.update(module, step=global_step)
+            n = images.shape[0]
+            seen += n
+            sums[0] += loss.detach().double().item() * n
+            if mixup is None:
+                sums[1] += (logits.argmax(-1) == hard_targets).sum().item()
+            sums[2] += n
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen * world / max(elapsed, 1e-9):.1f}", refresh=False)
+            bar.update(1)
+    return sums.tolist(), global_step
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, loader: DataLoader, device: torch.device, autocast: Any = nullcontext,
+    reduce: Any = None, desc: str | None = None,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (%) of ``model`` in eval mode over ``loader``.
+
+    ``reduce`` sums the per-process ``[loss * n, top-1, top-5, n]`` across processes (exact
+    for sharded validation); ``desc`` shows a progress bar. The model's train/eval mode is
+    restored. Returns ``{'loss', 'acc1', 'acc5', 'count'}``.
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1, top-5, n
+    with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
+              dynamic_ncols=True, disable=desc is None) as bar:
+        for images, targets in batches(loader):
+            images, targets = images.to(device), targets.to(device)
+            with autocast():
+                logits = model(images).float()
+            sums[0] += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            sums[1] += (top[:, 0] == targets).sum().item()
+            sums[2] += (top == targets[:, None]).any(-1).sum().item()
+            sums[3] += images.shape[0]
+            bar.update(1)
+    model.train(was_training)
+    loss, top1, top5, count = reduce(sums) if reduce is not None else sums
+    total = max(count, 1)
+    return {"loss": loss / total, "acc1": top1 / total * 100, "acc5": top5 / total * 100,
+            "count": int(count)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """One training run (see the module docstring) from a validated config.
+
+    ``recipe`` names the run (default output ``runs/<recipe>-<time>``); ``resume`` is the
+    folder of an interrupted run to continue; ``output`` the folder to write (must not exist
+    or be empty); ``stop_after`` ends this invocation after that many epochs. Bad input
+    raises ``ValueError`` / ``FileNotFoundError`` / ``ImportError`` whose message starts with
+    the config key (or ``output``, ``resume``, ``stop_after``) at fault.
+    """
+
+    def __init__(self, cfg: dict[str, Any], recipe: str, resume: Path | None = None, *,
+                 output: str | os.PathLike | None = None, stop_after: int | None = None,
+                 quiet: bool = False) -> None:
         self.cfg = cfg
         self.recipe = recipe
         self.resume = resume
-        self.args = args
-        self.quiet = bool(getattr(args, "quiet", False))
-        self.stop_after = getattr(args, "stop_after", None)
-        if self.stop_after is not None and self.stop_after < 1:
-            raise CommandError(f"--stop-after: expected an integer >= 1, got {self.stop_after}")
+        self.output = output
+        self.quiet = quiet
+        self.stop_after = stop_after
+        if stop_after is not None and (isinstance(stop_after, bool)
+                                       or not isinstance(stop_after, int) or stop_after < 1):
+            raise ValueError(f"stop_after: expected an integer >= 1, got {stop_after!r}")
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -347,7 +407,10 @@ class Trainer:
 
         data = self.cfg["data"]
         if data["dir"] is None:
-            tr_x, tr_y, va_x, va_y, classes = digits_split(data["val_fraction"], seed=0)
+            try:
+                tr_x, tr_y, va_x, va_y, classes = digits_split(data["val_fraction"], seed=0)
+            except ImportError as error:
+                raise ImportError(f"data.dir: no image folder is set and {error}") from error
             source = {"kind": "digits", "classes": classes, "train": (tr_x, tr_y),
                       "val": (va_x, va_y)}
             if data["train_limit"]:
@@ -355,7 +418,10 @@ class Trainer:
             if data["val_limit"]:
                 source["val"] = (va_x[:data["val_limit"]], va_y[:data["val_limit"]])
             return source
-        scanned = scan_image_folder(data["dir"])
+        try:
+            scanned = scan_image_folder(data["dir"])
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"data.dir: {error}") from error
         train = scanned["train"][:data["train_limit"]] if data["train_limit"] \
             else scanned["train"]
         val = scanned["val"][:data["val_limit"]] if data["val_limit"] else scanned["val"]
@@ -365,7 +431,10 @@ class Trainer:
             paths = [p for p, _ in train] + [p for p, _ in val]
             with tqdm(total=len(paths), desc="checking images", unit="img", file=sys.stderr,
                       disable=self.quiet or len(paths) < 2000, leave=False) as bar:
-                check_images(paths, progress=lambda i: bar.update(1))
+                try:
+                    check_images(paths, progress=lambda i: bar.update(1))
+                except ValueError as error:
+                    raise ValueError(f"data.dir: {error}") from error
         return {"kind": "folder", "classes": scanned["classes"], "train": train, "val": val}
 
     def _model(self, num_classes: int) -> tuple[nn.Module, list[str]]:
@@ -384,8 +453,8 @@ class Trainer:
                          "random initialisation")
         if mcfg["grad_checkpointing"]:
             if not hasattr(model, "set_grad_checkpointing"):
-                raise CommandError(f"model.grad_checkpointing: {mcfg['name']} does not support "
-                                   "gradient checkpointing")
+                raise ValueError(f"model.grad_checkpointing: {mcfg['name']} does not support "
+                                 "gradient checkpointing")
             model.set_grad_checkpointing(True)
         return model, notes
 
@@ -409,7 +478,7 @@ class Trainer:
         return config
 
     def _datasets(self, source: dict[str, Any], data_config: dict[str, Any]) -> tuple[Any, Any]:
-        from internimage.data import DigitsDataset, ImageFolderData
+        from internimage.data import DigitsDataset, ImageFolderData, eval_transform
 
         data = self.cfg["data"]
         size = data_config["input_size"][-1]
@@ -431,32 +500,27 @@ class Trainer:
                 re_mode="pixel",
             )
         except (ValueError, AssertionError, KeyError) as error:
-            raise CommandError(f"data.auto_augment / data augmentation settings: "
-                               f"{one_line(error)}") from error
+            raise ValueError(f"data.auto_augment: the augmentation settings are not valid "
+                             f"({_one_line(error)})") from error
         if _cap_posterize(train_tf):
             self.note("data.auto_augment: this Pillow rejects posterize with 0 bits, which "
                       "timm's increasing-severity RandAugment ('inc1') asks for at magnitude 10; "
                       "the posterize op's magnitude is capped at 9.99 (1 bit kept)")
-        val_tf = create_transform(
-            data_config["input_size"], is_training=False,
-            interpolation=data_config["interpolation"], mean=data_config["mean"],
-            std=data_config["std"], crop_pct=data_config.get("crop_pct"),
-            crop_mode=data_config.get("crop_mode"),
-        )
-        return ImageFolderData(source["train"], train_tf), ImageFolderData(source["val"], val_tf)
+        return (ImageFolderData(source["train"], train_tf),
+                ImageFolderData(source["val"], eval_transform(data_config)))
 
     def _output_dir(self) -> Path:
         if self.resume is not None:
             return self.resume
-        if self.args.output is not None:
-            out = Path(self.args.output)
+        if self.output is not None:
+            out = Path(self.output)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out = Path("runs") / f"{self.recipe}-{stamp}"
         out = Path(self.ctx.broadcast(str(out)))
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise CommandError(f"--output: '{out}' already exists and is not empty; choose a new "
-                               f"folder, or continue that run with --resume {out}")
+            raise ValueError(f"output: '{out}' already exists and is not empty; choose a new "
+                             "folder, or resume the run in it")
         return out
 
     # -- main ------------------------------------------------------------------------------
@@ -482,8 +546,8 @@ class Trainer:
             classes = source["classes"]
             num_classes = self.cfg["model"]["num_classes"] or len(classes)
             if num_classes < len(classes):
-                raise CommandError(f"--num-classes: the data has {len(classes)} classes, got "
-                                   f"{num_classes}")
+                raise ValueError(f"model.num_classes: the data has {len(classes)} classes, got "
+                                 f"{num_classes}")
             model, notes = _setup_phase(self.ctx, lambda: self._model(num_classes))
             data_config = self._data_config(model, source["kind"])
             if self.cfg["model"]["name"] == CUSTOM_MODEL or source["kind"] == "digits":
@@ -499,17 +563,17 @@ class Trainer:
             for text in notes:
                 self.note(text)
 
-            error: CommandError | None = None
+            error: ValueError | None = None
             if self.ctx.main and self.resume is None:
                 try:
                     created_out = not self.out.exists()
                     self.out.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(self.out / "config.yaml", dump_config(self.cfg))
                 except OSError as exc:
-                    error = CommandError(f"--output: cannot write to '{self.out}' ({exc})")
+                    error = ValueError(f"output: cannot write to '{self.out}' ({exc})")
             # barrier: the folder exists before anyone goes on
             if not self.ctx.all_ok(error is None):
-                raise error or CommandError("rank 0 could not create the output folder")
+                raise error or ValueError("output: rank 0 could not create the output folder")
             return self._train(model, train_ds, val_ds, classes, num_classes, data_config,
                                device)
         except BaseException:
@@ -526,19 +590,22 @@ class Trainer:
             torch.use_deterministic_algorithms(saved_deterministic)
             self.ctx.close()
 
-    def _train(self, model: nn.Module, train_ds: Any, val_ds: Any, classes: list[str],
-               num_classes: int, data_config: dict[str, Any], device: torch.device) -> int:
+    def _setup_training(self, model: nn.Module, train_ds: Any, val_ds: Any, num_classes: int,
+                        device: torch.device) -> SimpleNamespace:
+        """Loaders, optimizer, scheduler, EMA, grad scaler, mixup, loss and the DDP wrapper."""
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
-        from tqdm import tqdm
 
         cfg, ctx = self.cfg, self.ctx
         dcfg, ocfg, scfg, acfg, tcfg = (cfg["data"], cfg["optim"], cfg["sched"], cfg["aug"],
                                         cfg["train"])
-        model.to(device)
+        # Channels-last conv weights, like the activations: the gradients of 1x1 and depthwise
+        # kernels come out channels-last, and DDP's buckets follow the parameters' strides
+        # (else every rank warns "Grad strides do not match bucket view strides").
+        model.to(device, memory_format=torch.channels_last)
         mixup_active = acfg["mixup"] > 0 or acfg["cutmix"] > 0
         train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank,
                                            shuffle=True, seed=tcfg["seed"], drop_last=False)
@@ -549,9 +616,8 @@ class Trainer:
         val_loader = DataLoader(val_ds, batch_size=dcfg["batch_size"],
                                 sampler=_ValShard(len(val_ds), ctx.rank, ctx.world),
                                 **loader_kwargs)
-        steps_per_epoch = len(train_loader)
-        if steps_per_epoch == 0:
-            raise CommandError(
+        if len(train_loader) == 0:
+            raise ValueError(
                 f"data.batch_size: {dcfg['batch_size']} is more than the "
                 f"{len(train_sampler)} training images per process (mixup/cutmix drop "
                 "incomplete batches); lower it"
@@ -572,39 +638,61 @@ class Trainer:
                 **opt_kwargs,
             )
         except (ValueError, AssertionError, KeyError, TypeError) as error:
-            raise CommandError(f"optim.opt: cannot create optimizer {ocfg['opt']!r} "
-                               f"({one_line(error)})") from error
+            raise ValueError(f"optim.opt: cannot create optimizer {ocfg['opt']!r} "
+                             f"({_one_line(error)})") from error
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=scfg["name"], num_epochs=scfg["epochs"],
             warmup_epochs=scfg["warmup_epochs"], warmup_lr=warmup_lr, min_lr=min_lr,
-            step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+            step_on_epochs=False, updates_per_epoch=len(train_loader),
         )
-        ema = ModelEmaV3(model, decay=cfg["ema"]["decay"], use_warmup=cfg["ema"]["warmup"]) \
-            if cfg["ema"]["enabled"] else None
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg["amp"])
-        scaler = torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16")
-        mixup = Mixup(mixup_alpha=acfg["mixup"], cutmix_alpha=acfg["cutmix"],
-                      prob=acfg["mixup_prob"], switch_prob=acfg["mixup_switch_prob"],
-                      label_smoothing=acfg["label_smoothing"], num_classes=num_classes) \
-            if mixup_active else None
-        criterion: nn.Module = SoftTargetCrossEntropy() if mixup_active else \
-            nn.CrossEntropyLoss(label_smoothing=acfg["label_smoothing"])
         ddp_model: nn.Module = model
         if ctx.world > 1:
             ddp_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+        return SimpleNamespace(
+            train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
+            lr=lr, lr_scale=scale, optimizer=optimizer, scheduler=scheduler,
+            ema=ModelEmaV3(model, decay=cfg["ema"]["decay"], use_warmup=cfg["ema"]["warmup"])
+            if cfg["ema"]["enabled"] else None,
+            scaler=torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16"),
+            mixup=Mixup(mixup_alpha=acfg["mixup"], cutmix_alpha=acfg["cutmix"],
+                        prob=acfg["mixup_prob"], switch_prob=acfg["mixup_switch_prob"],
+                        label_smoothing=acfg["label_smoothing"], num_classes=num_classes)
+            if mixup_active else None,
+            loss_fn=SoftTargetCrossEntropy() if mixup_active else
+            nn.CrossEntropyLoss(label_smoothing=acfg["label_smoothing"]),
+            ddp_model=ddp_model,
+            autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype
+            else nullcontext,
+        )
 
+    def _train(self, model: nn.Module, train_ds: Any, val_ds: Any, classes: list[str],
+               num_classes: int, data_config: dict[str, Any], device: torch.device) -> int:
+        """The epoch loop: :func:`train_one_epoch`, :func:`validate` (model and EMA), save."""
+        cfg, ctx = self.cfg, self.ctx
+        dcfg, tcfg = cfg["data"], cfg["train"]
+        run = self._setup_training(model, train_ds, val_ds, num_classes, device)
         start_epoch, global_step, history = 0, 0, []
         if self.resume is not None:
-            state = self._load_state(model, optimizer, scheduler, ema, scaler, device)
+            state = self._load_state(model, run.optimizer, run.scheduler, run.ema, run.scaler,
+                                     device)
             start_epoch, global_step, history = (state["epoch"], state["global_step"],
                                                  state["history"])
         else:
             _seed_all(tcfg["seed"] + ctx.rank)  # per-rank augmentation / drop-path streams
 
-        epochs = scfg["epochs"]
+        epochs = cfg["sched"]["epochs"]
         from internimage.flops import count_params
 
+        if cfg["optim"]["lr_base_batch"]:
+            base = cfg["optim"]["lr_base_batch"]
+            self.note(
+                f"optim.lr {cfg['optim']['lr']:.3g} is per {base} images "
+                f"(optim.lr_base_batch): the total batch of {dcfg['batch_size'] * ctx.world} "
+                f"({dcfg['batch_size']} x {ctx.world} process(es)) scales it by "
+                f"{run.lr_scale:.3g} to {run.lr:.3g} (warmup_lr and min_lr too); set "
+                "optim.lr_base_batch=null to use optim.lr as it is")
         self.log(
             f"internimage train: {cfg['model']['name']} ({count_params(model) / 1e6:.2f}M "
             f"params, {num_classes} classes) on "
@@ -612,7 +700,7 @@ class Trainer:
             f"{len(train_ds)} train / {len(val_ds)} val images at "
             f"{data_config['input_size'][-1]}px; {ctx.world} process(es) on {device}"
             + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
-            + f"; batch {dcfg['batch_size']}x{ctx.world}, lr {lr:.3g}, {epochs} epochs; "
+            + f"; batch {dcfg['batch_size']}x{ctx.world}, lr {run.lr:.3g}, {epochs} epochs; "
             f"output {self.out}"
         )
         if start_epoch >= epochs:
@@ -621,75 +709,36 @@ class Trainer:
         if start_epoch:
             self.log(f"resuming after epoch {start_epoch} (step {global_step})")
 
-        autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype \
-            else nullcontext
+        progress = not self.quiet and ctx.main and sys.stderr.isatty()
         run_started = time.perf_counter()
         epochs_this_run = 0
         for epoch in range(start_epoch, epochs):
-            train_sampler.set_epoch(epoch)
-            ddp_model.train()
+            run.train_sampler.set_epoch(epoch)
             started = time.perf_counter()
-            sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-            seen = 0
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs} train",
-                       unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True,
-                       disable=self.quiet or not ctx.main or not sys.stderr.isatty())
-            try:
-                for step, (images, targets) in enumerate(self._batches(train_loader)):
-                    images = images.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    hard_targets = targets
-                    if mixup is not None:
-                        images, targets = mixup(images, targets)
-                    with autocast():
-                        logits = ddp_model(images)
-                        loss = criterion(logits.float(), targets)
-                    if not torch.isfinite(loss):
-                        raise CommandError(
-                            f"training diverged: the loss is {loss.item()} at epoch "
-                            f"{epoch + 1}, step {step + 1} (lr "
-                            f"{optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or set "
-                            "optim.clip_grad"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if ocfg["clip_grad"]:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), ocfg["clip_grad"])
-                    scaler.step(optimizer)
-                    scaler.update()
-                    global_step += 1
-                    scheduler.step_update(num_updates=global_step)
-                    if ema is not None:
-                        ema.update(model, step=global_step)
-                    n = images.shape[0]
-                    seen += n
-                    sums[0] += loss.detach().double().item() * n
-                    if mixup is None:
-                        sums[1] += (logits.argmax(-1) == hard_targets).sum().item()
-                    sums[2] += n
-                    elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.4f}",
-                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                    img_s=f"{seen * ctx.world / max(elapsed, 1e-9):.1f}",
-                                    refresh=False)
-                    bar.update(1)
-            finally:
-                bar.close()
+            sums, global_step = train_one_epoch(
+                run.ddp_model, run.train_loader, run.optimizer, run.loss_fn, device=device,
+                scheduler=run.scheduler, scaler=run.scaler, global_step=global_step,
+                autocast=run.autocast, ema=run.ema, mixup=run.mixup,
+                clip_grad=cfg["optim"]["clip_grad"], world=ctx.world, epoch=epoch,
+                desc=f"epoch {epoch + 1}/{epochs} train" if progress else None,
+            )
             train_time = time.perf_counter() - started
-            loss_sum, correct, count = ctx.sum(sums.tolist())
+            loss_sum, correct, count = ctx.sum(sums)
 
             val_started = time.perf_counter()
-            val = self._evaluate(model, val_loader, device, autocast, f"epoch {epoch + 1} val")
-            ema_val = self._evaluate(ema.module, val_loader, device, autocast,
-                                     f"epoch {epoch + 1} val (EMA)") if ema is not None else {}
+            val = validate(model, run.val_loader, device, run.autocast, reduce=ctx.sum,
+                           desc=f"epoch {epoch + 1} val" if progress else None)
+            ema_val = validate(run.ema.module, run.val_loader, device, run.autocast,
+                               reduce=ctx.sum,
+                               desc=f"epoch {epoch + 1} val (EMA)" if progress else None) \
+                if run.ema is not None else {}
             val_time = time.perf_counter() - val_started
+            group = run.optimizer.param_groups[0]
             record = {
                 "epoch": epoch + 1,
-                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
-                    "lr_scale", 1.0),
+                "lr": group["lr"] / group.get("lr_scale", 1.0),
                 "train_loss": loss_sum / count,
-                "train_acc1": (correct / count * 100) if mixup is None else None,
+                "train_acc1": (correct / count * 100) if run.mixup is None else None,
                 "val_loss": val["loss"], "val_acc1": val["acc1"], "val_acc5": val["acc5"],
                 "ema_val_loss": ema_val.get("loss"), "ema_val_acc1": ema_val.get("acc1"),
                 "ema_val_acc5": ema_val.get("acc5"),
@@ -699,13 +748,13 @@ class Trainer:
             history.append(record)
             rng = ctx.gather(_rng_state(device))
             if ctx.main:
-                self._save(model, ema, optimizer, scheduler, scaler, epoch + 1, global_step,
-                           history, rng, classes, num_classes, data_config)
+                self._save(model, run.ema, run.optimizer, run.scheduler, run.scaler, epoch + 1,
+                           global_step, history, rng, classes, num_classes, data_config)
             self.log(
                 f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}"
-                + (f", train acc {record['train_acc1']:.2f}%" if mixup is None else "")
+                + (f", train acc {record['train_acc1']:.2f}%" if run.mixup is None else "")
                 + f", val loss {val['loss']:.4f}, val acc {val['acc1']:.2f}%"
-                + (f" (EMA {ema_val['acc1']:.2f}%)" if ema is not None else "")
+                + (f" (EMA {ema_val['acc1']:.2f}%)" if run.ema is not None else "")
                 + f", lr {record['lr']:.3g}, {train_time + val_time:.1f} s "
                 f"({record['train_images_per_s']:.1f} img/s)"
             )
@@ -727,48 +776,6 @@ class Trainer:
             + f", best {best['val_acc1']:.2f}% at epoch {best['epoch']}; outputs in {self.out}"
         )
         return 0
-
-    def _batches(self, loader: DataLoader) -> Iterator[Any]:
-        """Iterates ``loader``; a decoding error raised in a worker keeps its one-line
-        message."""
-        iterator = iter(loader)
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except CommandError as error:
-                text = str(error)
-                if "Original Traceback" in text:  # re-raised from a DataLoader worker
-                    text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-                raise CommandError(text) from error
-            yield batch
-
-    @torch.no_grad()
-    def _evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device,
-                  autocast: Any, desc: str) -> dict[str, float]:
-        from tqdm import tqdm
-
-        was_training = model.training
-        model.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1, top-5, n
-        with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
-                  dynamic_ncols=True,
-                  disable=self.quiet or not self.ctx.main or not sys.stderr.isatty()) as bar:
-            for images, targets in self._batches(loader):
-                images, targets = images.to(device), targets.to(device)
-                with autocast():
-                    logits = model(images).float()
-                sums[0] += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                sums[1] += (top[:, 0] == targets).sum().item()
-                sums[2] += (top == targets[:, None]).any(-1).sum().item()
-                sums[3] += images.shape[0]
-                bar.update(1)
-        model.train(was_training)
-        loss, top1, top5, count = self.ctx.sum(sums)
-        count = max(count, 1)
-        return {"loss": loss / count, "acc1": top1 / count * 100, "acc5": top5 / count * 100}
 
     # -- persistence -----------------------------------------------------------------------
 
@@ -830,14 +837,15 @@ class Trainer:
         assert self.resume is not None
         path = self.resume / "state.pt"
         if not path.is_file():
-            raise CommandError(f"--resume: '{self.resume}' has no state.pt (no epoch finished)")
+            raise FileNotFoundError(f"resume: '{self.resume}' has no state.pt (no epoch "
+                                    "finished)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise CommandError(f"--resume: cannot read '{path}' ({one_line(error)[:200]})") \
+            raise ValueError(f"resume: cannot read '{path}' ({_one_line(error)[:200]})") \
                 from error
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CommandError(f"--resume: '{path}' is not a {STATE_FORMAT} file")
+            raise ValueError(f"resume: '{path}' is not a {STATE_FORMAT} file")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -852,6 +860,10 @@ class Trainer:
                       f"{self.ctx.world}: random streams are re-seeded (not bit-exact)")
             _seed_all(self.cfg["train"]["seed"] + 7919 * state["epoch"] + self.ctx.rank)
         return state
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _cap_posterize(transform: Any) -> bool:
@@ -906,14 +918,3 @@ def _plot(history: list[dict[str, Any]], path: Path) -> None:
     figure.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         figure.savefig(tmp, format="png")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """``internimage train``; see the module docstring."""
-    cfg, recipe, resume = resolve_config(args)
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    if not math.isfinite(cfg["optim"]["lr"]):
-        raise CommandError(f"optim.lr: expected a finite number, got {cfg['optim']['lr']}")
-    return Trainer(cfg, recipe, resume, args).run()

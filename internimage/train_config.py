@@ -7,6 +7,9 @@ its keys are the model constructor's); an unknown key is an error naming the key
 ones. A recipe may start with ``base: other.yaml`` (a path relative to the recipe, or a recipe
 name) whose values it overrides.
 
+Errors are :class:`ConfigError` (a ``ValueError`` that records the config key) and
+``FileNotFoundError``; ``internimage train`` adds the command-line option they came from.
+
 The defaults are the original InternImage ImageNet-1k recipe for T/S/B (300 epochs, AdamW
 5e-4 per 512 images, cosine with 20 warm-up epochs, label smoothing 0.1, mixup 0.8 / cutmix
 1.0, RandAugment, random erasing 0.25, EMA 0.9999, gradient clipping 5.0).
@@ -16,16 +19,16 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from internimage.cli_common import CommandError
-
-__all__ = ["DEFAULTS", "config_dir", "resolve_recipe", "load_recipe", "apply_override",
-           "set_key", "get_key", "validate_config", "dump_config"]
+__all__ = ["ConfigError", "DEFAULTS", "config_dir", "resolve_recipe", "load_recipe",
+           "apply_override", "set_key", "get_key", "validate_config", "dump_config"]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
@@ -95,6 +98,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+
+
+class ConfigError(ValueError):
+    """A bad recipe, key or value; ``key`` is the config key at fault (or None)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 _FREE_FORM = {("model", "kwargs")}
 _CHOICES = {
     ("train", "amp"): ("none", "bf16", "fp16"),
@@ -103,12 +116,14 @@ _CHOICES = {
 
 
 def config_dir() -> Path:
-    """The ``configs/`` folder beside the package (a source checkout / editable install)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    """The recipes shipped inside the package (``internimage/configs/``, package data, so
+    installed wheels have them too)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe path from a name in ``configs/`` (with or without '.yaml') or a file path."""
+    """A recipe path from a name in :func:`config_dir` (with or without '.yaml') or a file
+    path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
@@ -118,67 +133,86 @@ def resolve_recipe(name_or_path: str) -> Path:
     if candidate.is_file():
         return candidate
     known = sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
-    raise CommandError(
-        f"--config: no recipe {name_or_path!r} (not a file, not in {directory}); known recipes: "
+    raise FileNotFoundError(
+        f"no recipe {name_or_path!r} (not a file, not in {directory}); known recipes: "
         f"{', '.join(known) or 'none'}"
     )
+
+
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _numbers(value: Any) -> Any:
+    """Floats written without a dot ('1e-3'), which YAML 1.1 (PyYAML) reads as strings."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def _known(section: str) -> str:
     return ", ".join(sorted(DEFAULTS[section]))
 
 
-def _unknown_key(key: str, where: str) -> CommandError:
+def _unknown_key(key: str, where: str | None) -> ConfigError:
+    prefix = f"{where}: " if where else ""
     parts = key.split(".")
     section = parts[0]
     if section not in DEFAULTS:
         hint = difflib.get_close_matches(section, DEFAULTS, n=1)
-        return CommandError(
-            f"{where}: unknown config key {key!r}"
+        return ConfigError(
+            f"{prefix}unknown config key {key!r}"
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; sections are {', '.join(DEFAULTS)}"
+            + f"; sections are {', '.join(DEFAULTS)}", key
         )
-    hint = difflib.get_close_matches(parts[1] if len(parts) > 1 else "", DEFAULTS[section], n=1)
-    return CommandError(
-        f"{where}: unknown config key {key!r}"
-        + (f" (did you mean '{section}.{hint[0]}'?)" if hint else "")
-        + f"; keys of '{section}' are {_known(section)}"
+    name = parts[1] if len(parts) > 1 else ""
+    hint = [f"{section}.{h}" for h in difflib.get_close_matches(name, DEFAULTS[section], n=1)]
+    if not hint:  # the key may live in another section ('train.epochs' is 'sched.epochs')
+        hint = [f"{other}.{name}" for other in DEFAULTS if name in DEFAULTS[other]][:1]
+    return ConfigError(
+        f"{prefix}unknown config key {key!r}"
+        + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        + f"; keys of '{section}' are {_known(section)}", key
     )
 
 
 def _merge(cfg: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
     if not isinstance(update, Mapping):
-        raise CommandError(f"{where}: a recipe must be a mapping of sections, got "
-                           f"{type(update).__name__}")
+        raise ConfigError(f"{where}: a recipe must be a mapping of sections, got "
+                          f"{type(update).__name__}")
     for section, values in update.items():
         if section not in DEFAULTS:
             raise _unknown_key(str(section), where)
         if not isinstance(values, Mapping):
-            raise CommandError(f"{where}: section {section!r} must be a mapping, got "
-                               f"{type(values).__name__} {values!r}")
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got "
+                              f"{type(values).__name__} {values!r}", str(section))
         for key, value in values.items():
             if key not in DEFAULTS[section]:
                 raise _unknown_key(f"{section}.{key}", where)
             if (section, key) in _FREE_FORM:
                 if value is not None and not isinstance(value, Mapping):
-                    raise CommandError(f"{where}: {section}.{key} must be a mapping, got "
-                                       f"{value!r}")
+                    raise ConfigError(f"{where}: {section}.{key} must be a mapping, got "
+                                      f"{value!r}", f"{section}.{key}")
                 cfg[section][key] = dict(value or {})
             else:
-                cfg[section][key] = copy.deepcopy(value)
+                cfg[section][key] = _numbers(copy.deepcopy(value))
 
 
 def load_recipe(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     """The defaults overridden by the recipe at ``path`` (and its ``base:`` chain)."""
     path = Path(path)
     if _depth > 8:
-        raise CommandError(f"--config: 'base:' chain too deep at '{path}'")
+        raise ConfigError(f"'base:' chain too deep at '{path}'")
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: '{path}'")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise CommandError(f"--config: cannot read '{path}': {error}") from error
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        message = " ".join(str(error).split())
+        raise ConfigError(f"cannot read '{path}' as a YAML recipe: {message}") from error
     if not isinstance(raw, dict):
-        raise CommandError(f"--config: '{path}' must hold a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"'{path}' must hold a mapping, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is not None:
         base_path = path.parent / base
@@ -186,7 +220,7 @@ def load_recipe(path: str | Path, _depth: int = 0) -> dict[str, Any]:
                           _depth + 1)
     else:
         cfg = copy.deepcopy(DEFAULTS)
-    _merge(cfg, raw, f"--config '{path}'")
+    _merge(cfg, raw, f"'{path}'")
     return cfg
 
 
@@ -196,7 +230,7 @@ def get_key(cfg: Mapping[str, Any], key: str) -> Any:
     return cfg[section][name]
 
 
-def set_key(cfg: dict[str, Any], key: str, value: Any, where: str = "--set") -> None:
+def set_key(cfg: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
     """Sets ``section.key`` (or ``model.kwargs.NAME``) after checking it exists."""
     parts = key.split(".")
     if len(parts) == 3 and tuple(parts[:2]) in _FREE_FORM:
@@ -205,7 +239,7 @@ def set_key(cfg: dict[str, Any], key: str, value: Any, where: str = "--set") -> 
     if len(parts) != 2 or parts[0] not in DEFAULTS or parts[1] not in DEFAULTS[parts[0]]:
         raise _unknown_key(key, where)
     if tuple(parts) in _FREE_FORM and value is not None and not isinstance(value, Mapping):
-        raise CommandError(f"{where}: {key} must be a mapping, got {value!r}")
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}", key)
     cfg[parts[0]][parts[1]] = value
 
 
@@ -214,21 +248,23 @@ def apply_override(cfg: dict[str, Any], text: str) -> str:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise CommandError(f"--set: expected KEY=VALUE (e.g. optim.lr=1e-3), got {text!r}")
+        raise ConfigError(f"expected KEY=VALUE (e.g. optim.lr=1e-3), got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        raise CommandError(f"--set {key}: cannot parse value {raw!r} as YAML ({error})") from error
-    set_key(cfg, key, value)
+        message = " ".join(str(error).split())
+        raise ConfigError(f"{key}: cannot parse value {raw!r} as YAML ({message})",
+                          key) from error
+    set_key(cfg, key, _numbers(value))
     return key
 
 
-def _type_error(key: str, expected: str, value: Any) -> CommandError:
-    return CommandError(f"config {key}: expected {expected}, got {value!r}")
+def _type_error(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {value!r}", key)
 
 
 def validate_config(cfg: dict[str, Any]) -> None:
-    """Type and range checks; raises :class:`CommandError` naming key, expectation, value."""
+    """Type and range checks; raises :class:`ConfigError` naming key, expectation, value."""
     for section, defaults in DEFAULTS.items():
         for key, default in defaults.items():
             value = cfg[section][key]
@@ -275,8 +311,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if not 0.0 < cfg["data"]["val_fraction"] < 1.0:
         raise _type_error("data.val_fraction", "a number between 0 and 1",
                           cfg["data"]["val_fraction"])
-    if cfg["optim"]["lr"] is None or cfg["optim"]["lr"] <= 0:
-        raise _type_error("optim.lr", "a number > 0", cfg["optim"]["lr"])
+    if cfg["optim"]["lr"] is None or not math.isfinite(cfg["optim"]["lr"]) \
+            or cfg["optim"]["lr"] <= 0:
+        raise _type_error("optim.lr", "a finite number > 0", cfg["optim"]["lr"])
     for key in ("optim.layer_decay", "optim.dcn_lr_mul"):
         value = get_key(cfg, key)
         if value is not None and not (isinstance(value, int | float) and 0 < value <= 1):

@@ -275,13 +275,93 @@ def test_pickled_objects_are_refused_with_a_way_out(tmp_path: Path, golden_b: di
         load_original_checkpoint(path)
     message = str(info.value)
     assert str(path) in message
-    assert "weights_only" in message and "arbitrary code" in message
-    assert "FakeYacsConfig" in message  # names the blocked global
-    assert "Ways out" in message and "torch.save(ck['model']" in message
+    assert "weights_only" in message and "run code" in message
+    assert "test_checkpoint.FakeYacsConfig" in message  # names the blocked global
+    assert_only_safe_ways_out(message)
     assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+    assert isinstance(info.value, ValueError)  # a bad file, not a bug
     with pytest.raises(UnsafeCheckpointError):
         convert_checkpoint(path, tmp_path / "out.safetensors", "internimage_b")
     assert not EXECUTED, "the pickled object must never be constructed"
+
+
+def assert_only_safe_ways_out(message: str) -> None:
+    """The refusal offers the original's allowlist and tensor extraction, never an unsafe
+    load."""
+    assert "weights_only=False" not in message.replace(" ", "")
+    assert "weights_only=True" in message
+    assert "torch.serialization.safe_globals(" in message
+    assert "ORIGINAL_CHECKPOINT_GLOBALS" in message
+
+
+class _Payload:
+    """A pickle whose unpickling calls os.system (the classic malicious checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy", "pickle2", "pickle4"])
+def test_malicious_pickle_is_refused_naming_the_global(tmp_path: Path, form: str) -> None:
+    marker = tmp_path / "payload_ran"
+    payload = {"model": {"w": torch.zeros(2)}, "config": _Payload(marker)}
+    path = tmp_path / "evil.pth"
+    if form == "zip":
+        torch.save(payload, path)
+    elif form == "legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(form[-1])))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_original_checkpoint(path)
+    message = str(info.value)
+    assert "posix.system" in message, message  # os.system's real name on Linux
+    assert_only_safe_ways_out(message)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system"):
+        convert_checkpoint(path, tmp_path / "out.safetensors", "internimage_t")
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_original_training_checkpoint_with_yacs_config_loads(tmp_path: Path,
+                                                             golden_b: dict) -> None:
+    """The original save_checkpoint pickles a yacs CfgNode (a dict subclass) under 'config':
+    its one allowlisted global loads as an inert OrderedDict, without yacs."""
+    import sys
+    import types
+
+    from internimage.checkpoint import ORIGINAL_CHECKPOINT_GLOBALS, load_checkpoint_file
+
+    class CfgNode(dict):  # pickled exactly as yacs' class: NEWOBJ + SETITEMS + BUILD
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module = types.ModuleType("yacs.config")
+    module.CfgNode = CfgNode
+    config = CfgNode(MODEL=CfgNode(TYPE="intern_image", DROP_PATH_RATE=0.5))
+    config.__dict__["__immutable__"] = True
+    path = tmp_path / "internimage_b_train.pth"
+    saved = dict(sys.modules)
+    sys.modules.update({"yacs": types.ModuleType("yacs"), "yacs.config": module})
+    try:
+        torch.save({"model": golden_b["state_dict"], "optimizer": {"state": {}},
+                    "epoch": 299, "max_accuracy": 84.9, "config": config}, path)
+    finally:
+        sys.modules.clear()
+        sys.modules.update(saved)
+    assert [name for _, name in ORIGINAL_CHECKPOINT_GLOBALS] == ["yacs.config.CfgNode"]
+    sd = load_original_checkpoint(path)
+    assert sd.keys() == golden_b["state_dict"].keys()
+    whole = load_checkpoint_file(path)
+    assert whole["config"] == {"MODEL": {"TYPE": "intern_image", "DROP_PATH_RATE": 0.5}}
+    assert type(whole["config"]).__module__ == "collections"  # nothing from yacs
+    with torch.serialization.safe_globals(ORIGINAL_CHECKPOINT_GLOBALS):  # plain torch.load
+        assert torch.load(path, weights_only=True)["epoch"] == 299
 
 
 def test_safe_globals_allow_list(tmp_path: Path, golden_b: dict) -> None:
@@ -363,3 +443,82 @@ def test_convert_fills_layer_scale_for_t_checkpoints(tmp_path: Path) -> None:
     assert torch.equal(tensors["stages.3.blocks.0.gamma2"], torch.ones(128))
     model = InternImage(**config)
     model.load_state_dict(tensors)
+
+
+# --- strict loading, num_classes, safetensors (library API, no CLI errors) -----------------------
+
+
+def test_load_weights_is_strict_and_raises_value_error(golden_b: dict) -> None:
+    from internimage.checkpoint import checkpoint_num_classes, load_weights
+
+    sd = golden_b["state_dict"]
+    model = model_for(golden_b).double()
+    assert checkpoint_num_classes(checkpoint_filter_fn(sd, model)) == \
+        golden_b["config"]["num_classes"]
+    assert checkpoint_num_classes({"stem.conv1.weight": torch.zeros(1)}) is None
+    assert load_weights(model, sd) == []  # original layout, through the filter
+    assert_same_state(model.state_dict(), {k: v.to(model.state_dict()[k].dtype)
+                                           for k, v in checkpoint_filter_fn(sd, model).items()})
+
+    wider = model_for(golden_b, channels=golden_b["config"]["channels"] * 2)
+    with pytest.raises(ValueError, match="shapes do not match") as info:
+        load_weights(wider, sd, source="b.pth")
+    assert str(info.value).startswith("b.pth: ")
+    with pytest.raises(ValueError, match="missing keys 1 .'stem.conv1.weight'."):
+        load_weights(model_for(golden_b), {k: v for k, v in sd.items()
+                                           if k != "patch_embed.conv1.weight"})
+    other_head = model_for(golden_b, num_classes=3)
+    with pytest.raises(ValueError, match="num_classes=10"):
+        load_weights(other_head, sd)
+    (note,) = load_weights(other_head, sd, allow_head_reset=True)
+    assert "re-initialised" in note
+
+
+def test_save_safetensors_shared_storage_and_metadata(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from internimage.checkpoint import read_safetensors_metadata, save_safetensors
+
+    base = torch.arange(6.0)
+    path = tmp_path / "shared.safetensors"
+    save_safetensors(path, {"a": base, "b": base[:3], "c": base.view(2, 3).t()},
+                     {"name": "x", "kwargs": {"depths": [1, 2]}})
+    tensors = load_file(str(path))
+    assert torch.equal(tensors["b"], base[:3]) and tensors["c"].is_contiguous()
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == {"name": "x", "kwargs": '{"depths": [1, 2]}'}
+    assert read_safetensors_metadata(path)["name"] == "x"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        read_safetensors_metadata(corrupt)
+
+
+def test_unreadable_files_are_value_errors_about_the_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from internimage.checkpoint import CheckpointMismatchError, load_checkpoint_file
+
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.zeros(4096)}}, good)
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": {"w": torch.zeros(4096)}}, legacy, _use_new_zipfile_serialization=False)
+    save_file({"w": torch.zeros(4096)}, str(tmp_path / "good.safetensors"))
+    cases = {
+        "text.pth": (b"hello, not a checkpoint\n", "a text file"),
+        "empty.pth": (b"", r"empty \(0 bytes\)"),
+        "binary.pth": (b"\x00\x01\x02\x03" * 8, "neither a torch.save archive nor a pickle"),
+        "truncated.pth": (good.read_bytes()[:2000], "truncated or damaged"),
+        "truncated_legacy.pth": (legacy.read_bytes()[:300], "truncated or damaged"),
+        "t.safetensors": ((tmp_path / "good.safetensors").read_bytes()[:3000],
+                          "not a readable safetensors file"),
+        "short.safetensors": (b"hello", "too short"),
+    }
+    for name, (data, needle) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=needle) as info:
+            load_checkpoint_file(path)
+        assert not isinstance(info.value, (UnsafeCheckpointError, CheckpointMismatchError))
+        assert str(path) in str(info.value) and "weights_only=False" not in str(info.value)

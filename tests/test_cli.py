@@ -88,13 +88,29 @@ def test_python_dash_m_and_console_script() -> None:
     result = subprocess.run([sys.executable, "-m", "internimage", "--help"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for command in ("models", "bench", "predict", "convert", "export", "train"):
+    for command in ("models", "bench", "predict", "convert", "export", "train", "validate"):
         assert command in result.stdout
     script = Path(sys.executable).parent / "internimage"
     if script.exists():
         result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0 and result.stdout.startswith("internimage ")
+
+
+def test_version_reports_the_build(capsys: pytest.CaptureFixture) -> None:
+    from internimage import _C
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"internimage {internimage.__version__}\n"), out
+    assert f"torch {torch.__version__}" in out
+    assert (f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build") in out
+    assert "extension internimage._C:" in out and "CPU kernels" in out
+    assert f"CPU kernels in use: {_C.cpu_isa()}" in out
+    cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("internimage::dcnv3", "CUDA")
+    assert ("CUDA kernels" if cuda_kernels else "no CUDA kernels") in out
 
 
 def test_bad_command_line_is_exit_2(capsys: pytest.CaptureFixture) -> None:
@@ -179,6 +195,10 @@ def test_bench_train_mode(capsys: pytest.CaptureFixture) -> None:
     (["--batch-size", "0"], "--batch-size"),
     (["--paths", "eager,fast"], "--paths"),
     (["--paths", "optimized", "--train"], "--paths"),
+    (["--paths", "eager,optimized", "--dtype", "bfloat16"], "--paths"),
+    # BatchNorm cannot train on one value per channel (batch 1, a 1x1 final map)
+    (["--train", "--batch-size", "1", "--img-size", "32", "--skip-op", "--compare", "none",
+      "--iters", "1", "--warmup", "0"], "--batch-size 1"),
 ])
 def test_bench_bad_arguments(capsys: pytest.CaptureFixture, args: list[str], needle: str) -> None:
     code, _, err = run(["bench", "--quiet"] + args, capsys)
@@ -215,7 +235,7 @@ def test_predict_converted_original_matches_golden_logits(
     assert code == 0, err
     assert "wrote" in stdout and converted.is_file()
 
-    from internimage.commands import model_from_checkpoint
+    from internimage.cli.common import model_from_checkpoint
 
     model, _ = model_from_checkpoint(None, str(converted), False, torch.device("cpu"))
     with torch.no_grad():
@@ -308,3 +328,243 @@ def test_export_onnx(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
                              "--onnx", str(out), "--img-size", "32"], capsys)
     assert code == 0, err
     assert out.is_file() and out.stat().st_size > 0 and "wrote" in stdout
+    # an existing file is kept unless --force is given (as convert does)
+    out.write_bytes(b"keep me")
+    args = ["export", "--checkpoint", str(trained / "model.safetensors"), "--onnx", str(out),
+            "--img-size", "32"]
+    code, _, err = run(args, capsys)
+    assert_one_line_error(code, err, "export", "--onnx", "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    code, stdout, err = run(args + ["--force"], capsys)
+    assert code == 0, err
+    assert out.stat().st_size > 1000
+
+
+class _Payload:
+    """Unpickling this calls os.system: a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_one_line_naming_the_global(
+        tmp_path: Path, digit_images: list[Path], capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "config": _Payload(marker)}, evil)
+    commands = {
+        "convert": ["convert", str(evil), str(tmp_path / "o.safetensors"), "--model",
+                    "internimage_t"],
+        "predict": ["predict", str(digit_images[0]), "--model", "internimage_t",
+                    "--checkpoint", str(evil)],
+        "export": ["export", "--model", "internimage_t", "--checkpoint", str(evil),
+                   "--onnx", str(tmp_path / "m.onnx")],
+        "train": ["train", "--checkpoint", str(evil), "--output", str(tmp_path / "run")],
+    }
+    for command, args in commands.items():
+        code, _, err = run(args, capsys)
+        line = assert_one_line_error(code, err, command, "posix.system", "safe_globals(")
+        assert "weights_only=False" not in line.replace(" ", "")
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what the one-line error must say about the file)."""
+    from safetensors.torch import save_file
+
+    good_pth, good_st = folder / "good.pth", folder / "good.safetensors"
+    torch.save({"model": {"w": torch.zeros(4096)}}, good_pth)
+    save_file({"w": torch.zeros(4096)}, str(good_st))
+    files = {
+        "text": ("text.pth", b"hello world, this is not a checkpoint\n", "text file"),
+        "yaml": ("config.pth", b"model:\n  name: internimage_t\n", "text file"),
+        "empty": ("empty.pth", b"", "empty"),
+        "truncated": ("truncated.pth", good_pth.read_bytes()[:3000], "truncated"),
+        "st_truncated": ("t.safetensors", good_st.read_bytes()[:3000], "safetensors"),
+        "st_corrupt": ("c.safetensors", b"\x10" + b"\x00" * 7 + b"{not json at all}",
+                       "safetensors"),
+        "st_text": ("x.safetensors", b"hello\n", "safetensors"),
+    }
+    out = {}
+    for key, (name, data, needle) in files.items():
+        path = folder / name
+        path.write_bytes(data)
+        out[key] = (path, needle)
+    return out
+
+
+@pytest.mark.parametrize("command", ["convert", "predict", "export", "train"])
+def test_bad_checkpoint_files_are_one_line_about_the_file(
+        command: str, tmp_path: Path, digit_images: list[Path],
+        capsys: pytest.CaptureFixture) -> None:
+    for key, (path, needle) in _bad_files(tmp_path).items():
+        args = {
+            "convert": ["convert", str(path), str(tmp_path / "o.safetensors"), "--model",
+                        "internimage_t"],
+            "predict": ["predict", str(digit_images[0]), "--model", "internimage_t",
+                        "--checkpoint", str(path)],
+            "export": ["export", "--model", "internimage_t", "--checkpoint", str(path),
+                       "--onnx", str(tmp_path / "m.onnx")],
+            "train": ["train", "--checkpoint", str(path), "--output", str(tmp_path / "run")],
+        }[command]
+        code, _, err = run(args, capsys)
+        line = assert_one_line_error(code, err, command, str(path), needle)
+        assert "wrong --model" not in line, (key, line)  # the file is at fault, not --model
+        assert "weights_only=False" not in line.replace(" ", ""), (key, line)
+        assert not (tmp_path / "run").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", ["-5", "0", "8"])
+def test_predict_bad_img_size(size: str, trained: Path, digit_images: list[Path],
+                              capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run(["predict", str(digit_images[0]), "--checkpoint",
+                        str(trained / "model.safetensors"), "--img-size", size], capsys)
+    assert_one_line_error(code, err, "predict", "--img-size", ">= 32", f"got {size}")
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_img_size_zero_or_negative_is_refused(size: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """0 used to be taken as 'the default' (bench); every command names the option."""
+    for command, args in {
+        "bench": ["bench", "--quiet", "--skip-op", "--compare", "none", "--iters", "1"],
+        "export": ["export", "--model", "internimage_t", "--onnx", str(tmp_path / "m.onnx")],
+        "train": ["train", "--print-config"],
+    }.items():
+        code, _, err = run(args + ["--img-size", size], capsys)
+        assert_one_line_error(code, err, command, "--img-size", f"got {size}")
+
+
+def test_predict_a_folder(trained: Path, digit_images: list[Path], tmp_path: Path,
+                          capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    folder = tmp_path / "images"
+    (folder / "more").mkdir(parents=True)
+    shutil.copy(digit_images[0], folder / "b.png")
+    shutil.copy(digit_images[1], folder / "more" / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred.json"
+    code, stdout, err = run(["predict", str(folder), str(digit_images[2]), "--checkpoint",
+                             str(trained / "model.safetensors"), "--top-k", "1",
+                             "--json", str(out)], capsys)
+    assert code == 0, err
+    images = [r["image"] for r in json.loads(out.read_text())]
+    assert images == [str(folder / "b.png"), str(folder / "more" / "a.png"),
+                      str(digit_images[2])]
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["predict", str(tmp_path / "empty"), "--checkpoint",
+                        str(trained / "model.safetensors")], capsys)
+    assert_one_line_error(code, err, "predict", "IMAGE", "no images", "empty")
+
+
+def test_convert_slices_a_22k_head_to_1k(original_pth: tuple[Path, dict], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import load_file
+
+    from internimage import imagenet22k_to_1k_indices
+
+    _, golden = original_pth
+    state = {k: v.float() for k, v in golden["state_dict"].items()}
+    hidden = state["head.weight"].shape[1]
+    state["head.weight"] = torch.randn(21841, hidden)
+    state["head.bias"] = torch.randn(21841)
+    src = tmp_path / "tiny_22k.pth"
+    torch.save({"model": state}, src)
+    dst = tmp_path / "tiny_1k.safetensors"
+    code, stdout, err = run(["convert", str(src), str(dst), "--model", "internimage_t",
+                             *TINY_ARCH, "--num-classes", "1000"], capsys)
+    assert code == 0, err
+    assert "num_classes 1000" in stdout
+    tensors = load_file(str(dst))
+    rows = imagenet22k_to_1k_indices()
+    assert torch.equal(tensors["head.fc.weight"], state["head.weight"][rows])
+    assert torch.equal(tensors["head.fc.bias"], state["head.bias"][rows])
+    code, _, err = run(["convert", str(src), str(tmp_path / "x.safetensors"), "--model",
+                        "internimage_t", *TINY_ARCH, "--num-classes", "0"], capsys)
+    assert_one_line_error(code, err, "convert", "--num-classes", "got 0")
+
+
+# --- validate ---
+
+
+def _digits_folder(root: Path, per_class: int = 3) -> Path:
+    """An ImageFolder of scikit-learn digits: root/<digit>/<i>.png (32x32 grey)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[int, int] = {}
+    for image, label in zip(digits.images, digits.target):
+        if counts.get(int(label), 0) >= per_class:
+            continue
+        counts[int(label)] = counts.get(int(label), 0) + 1
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image / 16 * 255).astype("uint8")
+        Image.fromarray(pixels).resize((32, 32)).save(folder / f"{counts[int(label)]}.png")
+    return root
+
+
+def test_validate_top1_top5_on_an_image_folder(trained: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from internimage.cli.common import model_from_checkpoint
+
+    data = _digits_folder(tmp_path / "digits")
+    out = tmp_path / "val.json"
+    checkpoint = str(trained / "model.safetensors")
+    code, stdout, err = run(["validate", str(data), "--checkpoint", checkpoint,
+                             "--batch-size", "7", "--json", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["images"] == 30 and result["classes"] == 10
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    assert f"top-1 {result['top1']:.2f}%" in stdout and f"top-5 {result['top5']:.2f}%" in stdout
+
+    # the same numbers, image by image, with the model's own eval transform
+    model, info = model_from_checkpoint(None, checkpoint, False, torch.device("cpu"))
+    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+    top1 = top5 = 0
+    for path in sorted(data.rglob("*.png")):
+        with Image.open(path) as image:
+            x = transform(image.convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            ranked = model(x)[0].topk(5).indices.tolist()
+        label = info["class_names"].index(path.parent.name)
+        top1 += ranked[0] == label
+        top5 += label in ranked
+    assert result["top1"] == pytest.approx(top1 / 30 * 100, abs=100 / 30 + 1e-9)
+    assert result["top5"] == pytest.approx(top5 / 30 * 100, abs=100 / 30 + 1e-9)
+
+    # a train/val root validates its val/ split
+    (tmp_path / "root").mkdir()
+    data.rename(tmp_path / "root" / "val")
+    code, stdout2, err = run(["validate", str(tmp_path / "root"), "--checkpoint", checkpoint],
+                             capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1']:.2f}%" in stdout2
+
+
+def test_validate_errors(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoint = str(trained / "model.safetensors")
+    code, _, err = run(["validate", str(tmp_path / "nope"), "--checkpoint", checkpoint], capsys)
+    assert_one_line_error(code, err, "validate", "DIR", "folder not found")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["validate", str(tmp_path / "empty"), "--checkpoint", checkpoint], capsys)
+    assert_one_line_error(code, err, "validate", "DIR", "no class folders")
+    data = _digits_folder(tmp_path / "digits", per_class=1)
+    (data / "7").rename(data / "seven")
+    code, _, err = run(["validate", str(data), "--checkpoint", checkpoint], capsys)
+    assert_one_line_error(code, err, "validate", "DIR", "'seven'", "class names")
+    code, _, err = run(["validate", str(data), "--checkpoint", checkpoint, "--batch-size", "0"],
+                       capsys)
+    assert_one_line_error(code, err, "validate", "--batch-size", "got 0")

@@ -45,7 +45,9 @@ def test_onnx_decomposition_runs_in_onnxruntime(tmp_path, kind):
     assert "GridSample" in op_types
     assert [i.name for i in proto.graph.input] == ["input"]
     assert [o.name for o in proto.graph.output] == ["output"]
-    assert isinstance(_batch_dim(proto), str), "batch dimension is not symbolic"
+    # the documented name of the symbolic batch dimension, on the input and the output
+    assert _batch_dim(proto) == "batch"
+    assert proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
     # Batch 1 and 3: neither is the traced example batch (2), so this proves the dynamic dim.
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -1,0 +1,68 @@
+"""``internimage models``: the variants and pretrained tags with params and FLOPs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from internimage.cli.errors import CommandError
+from internimage.cli.table import format_table
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models", help="list the variants and pretrained tags with params and FLOPs",
+        description="Table of the registered InternImage variants and pretrained tags: "
+                    "parameters, GMACs/GFLOPs at the tag's input size (DCNv3 op included; "
+                    "counted on the meta device), input size, stage channels, classes.")
+    p.add_argument("--filter", default=None, help="only rows whose name contains this text")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Variants, pretrained tags, params, FLOPs, input size, channels."""
+    import timm
+
+    from internimage.files import atomic_write_text
+    from internimage.flops import model_complexity
+
+    names = timm.list_models("internimage_*", pretrained=True, include_tags=True)
+    untagged = [n for n in timm.list_models("internimage_*")
+                if not any(t.split(".")[0] == n for t in names)]
+    entries = sorted(names + untagged, key=_variant_order)
+    if args.filter:
+        entries = [e for e in entries if args.filter in e]
+        if not entries:
+            raise CommandError(f"--filter: no InternImage model or tag contains {args.filter!r}")
+    rows, records = [], []
+    for entry in entries:
+        arch, _, tag = entry.partition(".")
+        cfg = timm.models.get_pretrained_cfg(entry)
+        record = model_complexity(entry, num_classes=cfg.num_classes)
+        record.update(arch=arch, tag=tag or "-", hf_hub_id=cfg.hf_hub_id,
+                      hf_hub_filename=cfg.hf_hub_filename)
+        records.append(record)
+        rows.append([
+            arch, tag or "-", f"{record['params'] / 1e6:.2f}", f"{record['macs'] / 1e9:.2f}",
+            f"{record['flops'] / 1e9:.2f}", "x".join(map(str, record["input_size"][1:])),
+            "-".join(map(str, record["stage_channels"])), record["num_classes"],
+            cfg.hf_hub_filename or "-",
+        ])
+    headers = ["model", "tag", "params (M)", "GMACs", "GFLOPs", "input", "stage channels",
+               "classes", "original weights file"]
+    print(format_table(headers, rows, align="llrrrllrl"))
+    print("\nGFLOPs: torch.utils.flop_counter (1 multiply-add = 2 FLOPs) with the DCNv3 op "
+          "counted as 5 MACs per sampling point and channel; the paper's 'FLOPs' are GMACs. "
+          "Counted on the meta device at each tag's input size.")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+def _variant_order(name: str) -> tuple[int, str]:
+    order = ["t", "s", "b", "l", "xl", "h", "g"]
+    arch = name.split(".")[0]
+    size = arch.removeprefix("internimage_").removesuffix("_meta")  # h_meta sorts after h
+    return (order.index(size) if size in order else len(order), name)
