@@ -380,7 +380,7 @@ def load_weights(
             for key in [k for k in state_dict if k.startswith(f"{classifier}.")]:
                 del state_dict[key]
             notes.append(
-                f"the checkpoint's head has {weight.shape[0]} classes but --num-classes is "
+                f"{source}: its classifier has {weight.shape[0]} classes, the model "
                 f"{own.shape[0]}: the classifier head '{classifier}' was re-initialised"
             )
     missing, unexpected, bad_shapes = state_dict_mismatches(state_dict, target)

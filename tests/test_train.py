@@ -175,7 +175,7 @@ def test_image_folder_with_original_checkpoint_resets_head(
         "--set", "data.num_workers=0", "--output", str(out),
     ], capsys)
     assert code == 0, err
-    assert "head has 10 classes but --num-classes is 3" in err
+    assert "its classifier has 10 classes, the model 3" in err
     assert "re-initialised" in err
     assert "3 classes" in stdout and "12 train / 6 val images" in stdout
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
