@@ -223,6 +223,18 @@ def test_predict_with_trained_checkpoint(trained: Path, digit_images: list[Path]
         probs = [p["probability"] for p in result["top_k"]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     assert str(digit_images[0]) in stdout
+    assert "using internimage.optimize_for_inference" in stdout
+    # the model as built gives the same classes with the same probabilities (float32)
+    plain = tmp_path / "plain.json"
+    code, stdout, err = run(["predict", *map(str, digit_images), "--checkpoint",
+                             str(trained / "model.safetensors"), "--top-k", "3",
+                             "--json", str(plain), "--no-optimize"], capsys)
+    assert code == 0, err
+    assert "optimize_for_inference" not in stdout
+    for fused, built in zip(results, json.loads(plain.read_text()), strict=True):
+        assert [p["index"] for p in fused["top_k"]] == [p["index"] for p in built["top_k"]]
+        for a, b in zip(fused["top_k"], built["top_k"], strict=True):
+            assert abs(a["probability"] - b["probability"]) < 1e-5
 
 
 def test_predict_converted_original_matches_golden_logits(
