@@ -67,7 +67,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 debug = os.environ.get("DEBUG", "0") == "1"
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
 cxx_flags += ["-fopenmp", "-std=c++20"]
-sources = [os.path.join("csrc", "dcnv3.cpp")]
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = []

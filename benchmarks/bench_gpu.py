@@ -71,7 +71,7 @@ def bench_op_case(n, size, channels, group, dtype, bandwidth):
     x, offset, mask, grad = make_inputs(n, size, channels, group, dtype)
     params = ([3, 3], [1, 1], [1, 1], [1, 1], group, channels // group, 1.0, False)
     op = torch.ops.internimage.dcnv3.default
-    op_backward = torch.ops.internimage.dcnv3_backward.default
+    op_backward = torch.ops.internimage._dcnv3_backward.default
 
     with torch.no_grad():
         fwd = cuda_time_us(lambda: op(x, offset, mask, *params))

@@ -19,12 +19,12 @@ layout and cached (about 8 MB for InternImage-T), instead of reordering it on ev
 which for the last downsampling (7x7 output) cost more than the convolution itself.
 
 The DCNv3 offset branch ``GELU(LayerNorm(depthwise_conv(x)))`` likewise runs as one pass,
-``torch.ops.internimage.dwconv_layernorm_gelu`` (:func:`dwconv_layernorm_gelu`), instead of
+``torch.ops.internimage._dwconv_layernorm_gelu`` (:func:`dwconv_layernorm_gelu`), instead of
 three passes and oneDNN's per-call depthwise-convolution setup, and the mask softmax runs
-inside the DCNv3 kernel, ``torch.ops.internimage.dcnv3_mask_logits``
+inside the DCNv3 kernel, ``torch.ops.internimage._dcnv3_mask_logits``
 (:func:`dcnv3_mask_logits`), instead of a softmax pass and a transposing copy. An eval-mode
 ``InternImageBlock`` runs all of it, with its LayerNorms and residuals, as one call,
-``torch.ops.internimage.block_cpu_inference`` (:func:`block_cpu_inference`).
+``torch.ops.internimage._block_cpu_inference`` (:func:`block_cpu_inference`).
 
 Everything else (training, float64, bfloat16, autocast, CUDA) runs ``F.linear`` + activation.
 """
@@ -120,52 +120,14 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
 
 # Without the compiled extension the unfused modules run instead.
 _FUSED_BRANCH = (
-    torch.ops.internimage.dwconv_layernorm_gelu.default if _ops.extension_available() else None
+    torch.ops.internimage._dwconv_layernorm_gelu.default if _ops.extension_available() else None
 )
 _MASK_LOGITS_CORE = (
-    torch.ops.internimage.dcnv3_mask_logits.default if _ops.extension_available() else None
+    torch.ops.internimage._dcnv3_mask_logits.default if _ops.extension_available() else None
 )
 _BLOCK = (
-    torch.ops.internimage.block_cpu_inference.default if _ops.extension_available() else None
+    torch.ops.internimage._block_cpu_inference.default if _ops.extension_available() else None
 )
-
-
-if _FUSED_BRANCH is not None:
-
-    @torch.library.register_fake("internimage::dwconv_layernorm_gelu")
-    def _dwconv_layernorm_gelu_fake(
-        input, conv_weight, conv_bias, norm_weight, norm_bias, eps
-    ):
-        if input.dim() != 4:
-            raise ValueError(
-                f"dwconv_layernorm_gelu: input must be 4-D (N, H, W, C), got {input.dim()}-D"
-            )
-        return input.new_empty(input.shape)
-
-    @torch.library.register_fake("internimage::dcnv3_mask_logits")
-    def _dcnv3_mask_logits_fake(
-        input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
-        group_channels, offset_scale, remove_center,
-    ):
-        if input.dtype != torch.float32:
-            raise ValueError(
-                f"dcnv3_mask_logits: input must be float32, got {input.dtype}"
-            )
-        return torch.ops.internimage.dcnv3.default(
-            input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
-            group_channels, offset_scale, remove_center,
-        )
-
-    @torch.library.register_fake("internimage::block_cpu_inference")
-    def _block_cpu_inference_fake(
-        x, norms, norm_eps, gamma1, gamma2, dcn, branch_eps, geometry, offset_scale, mlp
-    ):
-        if x.dim() != 4 or x.dtype != torch.float32:
-            raise ValueError(
-                "block_cpu_inference: x must be a 4-D (N, H, W, C) float32 tensor, got "
-                f"{x.dim()}-D {x.dtype}"
-            )
-        return torch.empty_like(x)
 
 
 def offset_branch_fusable(conv: nn.Conv2d, norm: nn.Module) -> bool:
@@ -205,7 +167,7 @@ def offset_branch_core(x: Tensor, conv: nn.Conv2d, norm: nn.LayerNorm) -> Tensor
 def dcnv3_mask_logits(value: Tensor, x1: Tensor, dcn: nn.Module) -> Tensor | None:
     """The core of DCNv3 module ``dcn`` with its offset and mask projections: the offsets
     ``dcn.offset(x1)`` and the mask logits ``dcn.mask(x1)`` ``(N, H, W, G*P)`` go straight into
-    ``torch.ops.internimage.dcnv3_mask_logits``, which applies the softmax over each group's P
+    ``torch.ops.internimage._dcnv3_mask_logits``, which applies the softmax over each group's P
     points itself. ``value`` and ``x1`` are NHWC ``(N, H, W, C)``. None when the fused kernel
     does not apply (see the module docstring)."""
     if torch.jit.is_scripting() or _MASK_LOGITS_CORE is None or not fused_cpu_inference(value):
@@ -244,7 +206,7 @@ def block_cpu_inference(
     gamma2: Tensor | None, dcn: nn.Module, mlp: nn.Module,
 ) -> Tensor | None:
     """One InternImage block on NHWC ``x`` ``(N, H, W, C)`` in a single call,
-    ``torch.ops.internimage.block_cpu_inference``, or None without the compiled extension.
+    ``torch.ops.internimage._block_cpu_inference``, or None without the compiled extension.
 
     The caller (``InternImageBlock``) has checked :func:`fused_cpu_inference`, that ``dcn``
     (a ``DCNv3``) passes ``fused_kernels_apply()`` and that ``mlp``'s activation is exact

@@ -335,7 +335,7 @@ class InternImageBlock(nn.Module):
     @torch.jit.unused
     def _forward_cpu_inference(self, x: Tensor) -> Tensor | None:
         """:meth:`forward` in eval-mode float32 CPU inference as one compiled call,
-        ``internimage::block_cpu_inference`` (the arithmetic of :meth:`_mixer` / :meth:`_ffn`
+        ``internimage::_block_cpu_inference`` (the arithmetic of :meth:`_mixer` / :meth:`_ffn`
         without dropout or drop path, through the fused kernels), or None when this block
         does not fit it. The mode becomes which LayerNorms run before and after each
         branch."""

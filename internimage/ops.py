@@ -426,7 +426,7 @@ if _EXTENSION_ERROR is None:
         )
         return input.new_empty((input.shape[0], out_h, out_w, input.shape[3]))
 
-    @torch.library.register_fake("internimage::dcnv3_backward")
+    @torch.library.register_fake("internimage::_dcnv3_backward")
     def _dcnv3_backward_fake(
         grad_output, input, offset, mask, kernel_size, stride, padding, dilation, group,
         group_channels, offset_scale, remove_center,
@@ -444,7 +444,7 @@ if _EXTENSION_ERROR is None:
 
     def _backward(ctx, grad_output):
         input, offset, mask = ctx.saved_tensors
-        grad_input, grad_offset, grad_mask = torch.ops.internimage.dcnv3_backward.default(
+        grad_input, grad_offset, grad_mask = torch.ops.internimage._dcnv3_backward.default(
             grad_output, input, offset, mask, *ctx.params
         )
         return (grad_input, grad_offset, grad_mask) + (None,) * len(ctx.params)
@@ -463,5 +463,39 @@ if _EXTENSION_ERROR is None:
         pass
 
     torch.library.register_autograd(
-        "internimage::dcnv3_backward", _no_double_backward, setup_context=_no_setup
+        "internimage::_dcnv3_backward", _no_double_backward, setup_context=_no_setup
     )
+
+    # Internal forward-only ops of the fused float32 CPU inference path
+    # (internimage.cpu_inference): shapes for torch.compile / meta tensors.
+
+    @torch.library.register_fake("internimage::_dwconv_layernorm_gelu")
+    def _dwconv_layernorm_gelu_fake(input, conv_weight, conv_bias, norm_weight, norm_bias, eps):
+        if input.dim() != 4:
+            raise ValueError(
+                f"dwconv_layernorm_gelu: input must be 4-D (N, H, W, C), got {input.dim()}-D"
+            )
+        return input.new_empty(input.shape)
+
+    @torch.library.register_fake("internimage::_dcnv3_mask_logits")
+    def _dcnv3_mask_logits_fake(
+        input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
+        group_channels, offset_scale, remove_center,
+    ):
+        if input.dtype != torch.float32:
+            raise ValueError(f"dcnv3_mask_logits: input must be float32, got {input.dtype}")
+        return _dcnv3_fake(
+            input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
+            group_channels, offset_scale, remove_center,
+        )
+
+    @torch.library.register_fake("internimage::_block_cpu_inference")
+    def _block_cpu_inference_fake(
+        x, norms, norm_eps, gamma1, gamma2, dcn, branch_eps, geometry, offset_scale, mlp
+    ):
+        if x.dim() != 4 or x.dtype != torch.float32:
+            raise ValueError(
+                "block_cpu_inference: x must be a 4-D (N, H, W, C) float32 tensor, got "
+                f"{x.dim()}-D {x.dtype}"
+            )
+        return torch.empty_like(x)

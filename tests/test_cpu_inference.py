@@ -13,8 +13,8 @@ from torch import nn
 
 from internimage import DCNv3, InternImage, cpu_inference
 
-OP = torch.ops.internimage.dwconv_layernorm_gelu
-MASK_LOGITS_OP = torch.ops.internimage.dcnv3_mask_logits
+OP = torch.ops.internimage._dwconv_layernorm_gelu
+MASK_LOGITS_OP = torch.ops.internimage._dcnv3_mask_logits
 
 
 @pytest.fixture
@@ -250,7 +250,7 @@ def test_mask_logits_op_errors_and_opcheck() -> None:
 )
 def test_block_inference_path_matches_unfused(calls, monkeypatch, options) -> None:
     """Eval-mode blocks run as one op (InternImageBlock._forward_cpu_inference ->
-    internimage::block_cpu_inference) in every residual mode, with the plain modules'
+    internimage::_block_cpu_inference) in every residual mode, with the plain modules'
     results; training mode does not."""
     from internimage.internimage import InternImageBlock
 
@@ -297,7 +297,7 @@ def test_block_op_falls_back_for_other_blocks(calls) -> None:
 
 
 def block_op_args(channels: int = 32, group: int = 2) -> tuple:
-    """Arguments of internimage::block_cpu_inference for a pre-norm block with a layer scale
+    """Arguments of internimage::_block_cpu_inference for a pre-norm block with a layer scale
     on the MLP branch (exercising present and absent slots)."""
     torch.manual_seed(channels)
     c, points = channels, 9
@@ -316,7 +316,7 @@ def block_op_args(channels: int = 32, group: int = 2) -> tuple:
 
 
 def test_block_op_errors_and_opcheck() -> None:
-    op = torch.ops.internimage.block_cpu_inference
+    op = torch.ops.internimage._block_cpu_inference
     args = block_op_args()
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match="x must be a 4-D"):

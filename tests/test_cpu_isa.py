@@ -32,12 +32,12 @@ for group, gc in [(4, 16), (2, 32), (3, 12)]:
     for dtype in (torch.float32, torch.float64):
         args = (value.to(dtype), offset.to(dtype), mask.to(dtype))
         results[f"forward_{group}_{gc}_{dtype}"] = ops.dcnv3(*args, *geometry)
-        results[f"backward_{group}_{gc}_{dtype}"] = ops.dcnv3_backward(
+        results[f"backward_{group}_{gc}_{dtype}"] = ops._dcnv3_backward(
             grad.to(dtype), *args, *geometry)
-    results[f"mask_logits_{group}_{gc}"] = ops.dcnv3_mask_logits(
+    results[f"mask_logits_{group}_{gc}"] = ops._dcnv3_mask_logits(
         value.float(), offset.float(), logits.float(), *geometry)
 x = torch.randn(2, 6, 5, 80)
-results["offset_branch"] = ops.dwconv_layernorm_gelu(
+results["offset_branch"] = ops._dwconv_layernorm_gelu(
     x, torch.randn(80, 1, 3, 3), torch.randn(80), torch.rand(80) + 0.5, torch.randn(80), 1e-6)
 # the block op's residual / LayerNorm kernel, in the pre-norm and layer-scale post-norm modes
 from internimage.internimage import InternImageBlock

@@ -94,7 +94,7 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
 
 def run_op(x, offset, mask, grad, params):
     out = torch.ops.internimage.dcnv3.default(x, offset, mask, *params)
-    grads = torch.ops.internimage.dcnv3_backward.default(grad, x, offset, mask, *params)
+    grads = torch.ops.internimage._dcnv3_backward.default(grad, x, offset, mask, *params)
     return (out, *grads)
 
 
@@ -109,7 +109,7 @@ def assert_close_scaled(actual, expected, rtol, atol_rel, name):
 
 def test_cuda_kernels_registered():
     assert extension_available(), f"internimage._C did not load: {extension_error()}"
-    for op in ("internimage::dcnv3", "internimage::dcnv3_backward"):
+    for op in ("internimage::dcnv3", "internimage::_dcnv3_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), (
             f"{op} has no CUDA kernel: rebuild with FORCE_CUDA=1 "
             "pip install --no-build-isolation -e ."
@@ -207,7 +207,7 @@ def test_opcheck():
     leaves = [t.requires_grad_() for t in (x, offset, mask)]
     torch.library.opcheck(torch.ops.internimage.dcnv3.default, (*leaves, *case.params()))
     torch.library.opcheck(
-        torch.ops.internimage.dcnv3_backward.default,
+        torch.ops.internimage._dcnv3_backward.default,
         (grad, x.detach(), offset.detach(), mask.detach(), *case.params()),
     )
     fp32 = [t.detach().float() for t in (x, offset, mask)]
@@ -281,10 +281,10 @@ def test_deterministic_mode_alerts_on_backward():
         torch.use_deterministic_algorithms(True)
         torch.ops.internimage.dcnv3.default(x, offset, mask, *case.params())  # forward is fine
         with pytest.raises(RuntimeError, match="dcnv3_backward_cuda"):
-            torch.ops.internimage.dcnv3_backward.default(grad, x, offset, mask, *case.params())
+            torch.ops.internimage._dcnv3_backward.default(grad, x, offset, mask, *case.params())
         torch.use_deterministic_algorithms(True, warn_only=True)
         with pytest.warns(UserWarning, match="dcnv3_backward_cuda"):
-            torch.ops.internimage.dcnv3_backward.default(grad, x, offset, mask, *case.params())
+            torch.ops.internimage._dcnv3_backward.default(grad, x, offset, mask, *case.params())
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
 
@@ -297,7 +297,7 @@ def test_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="mask must have the input's dtype"):
         torch.ops.internimage.dcnv3.default(x, offset, mask.double(), *case.params())
     with pytest.raises(RuntimeError, match="grad_output must have shape"):
-        torch.ops.internimage.dcnv3_backward.default(
+        torch.ops.internimage._dcnv3_backward.default(
             grad[:, :-1], x, offset, mask, *case.params()
         )
 

@@ -1,5 +1,5 @@
 // One InternImage block (DCNv3 mixer and MLP, each with its residual) as a single call, for
-// eval-mode float32 CPU inference: internimage::block_cpu_inference.
+// eval-mode float32 CPU inference: internimage::_block_cpu_inference.
 //
 // The mixer and MLP run the same operators as the modules' fused per-layer path: oneDNN
 // linear(+GELU) (mkldnn::_linear_pointwise), the fused offset branch, DCNv3 with the mask
@@ -9,7 +9,7 @@
 // ~15 operator calls: 2.6 % of InternImage-T's latency at 224x224 batch 1, 14 % at 64x64,
 // where the matrices are small and the calls short.
 // The residual mode arrives as which norms and scales are present (see the schema in
-// dcnv3.cpp), so this file holds no copy of the mode table.
+// schemas.cpp), so this file holds no copy of the mode table.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -196,12 +196,12 @@ at::Tensor dcnv3_module(const at::Tensor& x, const TensorList& p, double branch_
                         c10::ArrayRef<int64_t> geometry, double offset_scale) {
   static const auto branch_op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("internimage::dwconv_layernorm_gelu", "")
+          .findSchemaOrThrow("internimage::_dwconv_layernorm_gelu", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                             const at::Tensor&, const at::Tensor&, double)>();
   static const auto core_op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("internimage::dcnv3_mask_logits", "")
+          .findSchemaOrThrow("internimage::_dcnv3_mask_logits", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                             int64_t, int64_t, double, bool)>();
@@ -272,7 +272,7 @@ at::Tensor block_cpu_inference(const at::Tensor& x, const TensorList& norms,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(internimage, CPU, m) {
-  m.impl("block_cpu_inference", &block_cpu_inference);
+  m.impl("_block_cpu_inference", &block_cpu_inference);
 }
 
 }  // namespace internimage

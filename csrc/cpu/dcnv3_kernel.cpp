@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../dcnv3.h"
+#include "../checks.h"
 #include "cpu_dispatch.h"
 #include "vector_math.h"
 
@@ -602,8 +602,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
 
 TORCH_LIBRARY_IMPL(internimage, CPU, m) {
   m.impl("dcnv3", &dcnv3_forward_cpu);
-  m.impl("dcnv3_mask_logits", &dcnv3_mask_logits_cpu);
-  m.impl("dcnv3_backward", &dcnv3_backward_cpu);
+  m.impl("_dcnv3_mask_logits", &dcnv3_mask_logits_cpu);
+  m.impl("_dcnv3_backward", &dcnv3_backward_cpu);
 }
 
 }  // namespace internimage

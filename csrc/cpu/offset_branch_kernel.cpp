@@ -185,7 +185,7 @@ at::Tensor dwconv_layernorm_gelu_cpu(const at::Tensor& input_, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(internimage, CPU, m) {
-  m.impl("dwconv_layernorm_gelu", &dwconv_layernorm_gelu_cpu);
+  m.impl("_dwconv_layernorm_gelu", &dwconv_layernorm_gelu_cpu);
 }
 
 }  // namespace internimage

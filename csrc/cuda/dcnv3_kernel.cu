@@ -28,7 +28,7 @@
 #include <limits>
 #include <tuple>
 
-#include "../dcnv3.h"
+#include "../checks.h"
 
 namespace internimage {
 namespace {
@@ -457,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
 
 TORCH_LIBRARY_IMPL(internimage, CUDA, m) {
   m.impl("dcnv3", &dcnv3_forward_cuda);
-  m.impl("dcnv3_backward", &dcnv3_backward_cuda);
+  m.impl("_dcnv3_backward", &dcnv3_backward_cuda);
 }
 
 }  // namespace internimage

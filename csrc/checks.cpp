@@ -1,13 +1,10 @@
-// Schemas of the DCNv3 operator, argument checks shared by every backend, the autocast
-// policy, and the Python module shim that loads the library.
-#include <Python.h>
+// Argument checks shared by every backend: each failure is a TORCH_CHECK that names the
+// argument, the expected and the actual value.
+#include "checks.h"
 
-#include <ATen/autocast_mode.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
-#include "cpu/cpu_dispatch.h"
-#include "dcnv3.h"
+#include <cmath>
 
 namespace internimage {
 namespace {
@@ -107,102 +104,4 @@ void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
   check_shape(grad_output, "grad_output", g.batch, g.height_out, g.width_out, g.channels());
 }
 
-namespace {
-
-// Under autocast the op runs in the autocast dtype: float32 input, offset and mask are cast
-// to it (float64 stays float64), and the kernels accumulate in float32.
-template <c10::DispatchKey AutocastKey, c10::DeviceType Device>
-at::Tensor dcnv3_autocast(const at::Tensor& input, const at::Tensor& offset,
-                          const at::Tensor& mask, at::IntArrayRef kernel_size,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t group, int64_t group_channels,
-                          double offset_scale, bool remove_center) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
-  const auto dtype = at::autocast::get_autocast_dtype(Device);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("internimage::dcnv3", "")
-                       .typed<decltype(dcnv3_autocast<AutocastKey, Device>)>();
-  return op.call(at::autocast::cached_cast(dtype, input, Device),
-                 at::autocast::cached_cast(dtype, offset, Device),
-                 at::autocast::cached_cast(dtype, mask, Device), kernel_size, stride, padding,
-                 dilation, group, group_channels, offset_scale, remove_center);
-}
-
-}  // namespace
-
-TORCH_LIBRARY(internimage, m) {
-  m.def(
-      "dcnv3(Tensor input, Tensor offset, Tensor mask, int[2] kernel_size, int[2] stride, "
-      "int[2] padding, int[2] dilation, int group, int group_channels, float offset_scale, "
-      "bool remove_center) -> Tensor");
-  m.def(
-      "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, "
-      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
-      "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor, Tensor)");
-  // dcnv3 with `mask` replaced by its logits: the softmax over each group's points is applied
-  // inside the kernel (float32 CPU inference, forward only).
-  m.def(
-      "dcnv3_mask_logits(Tensor input, Tensor offset, Tensor mask_logits, int[2] kernel_size, "
-      "int[2] stride, int[2] padding, int[2] dilation, int group, int group_channels, "
-      "float offset_scale, bool remove_center) -> Tensor");
-  // The DCNv3 module's offset branch fused for float32 CPU inference (forward only):
-  // GELU(LayerNorm over C(depthwise k x k conv, stride 1, padding k // 2)) of (N, H, W, C).
-  m.def(
-      "dwconv_layernorm_gelu(Tensor input, Tensor conv_weight, Tensor? conv_bias, "
-      "Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor");
-  // One InternImage block for float32 CPU inference (forward only; csrc/cpu/block_inference.cpp).
-  // norms: LayerNorm weight/bias pairs applied before and after the mixer, then before and
-  // after the MLP (None where the block has none), with norm_eps one per pair.
-  // gamma1/gamma2: layer scales or None. dcn: the DCNv3 module's weight/bias pairs: input
-  // projection, depthwise conv, its LayerNorm (eps branch_eps), offset, mask, output
-  // projection, centre-feature-scale gate (None, None without one). geometry: kernel_size,
-  // stride, pad, dilation, group, group_channels, remove_center. mlp: fc1 (GELU) and fc2.
-  m.def(
-      "block_cpu_inference(Tensor x, Tensor?[] norms, float[] norm_eps, Tensor? gamma1, "
-      "Tensor? gamma2, Tensor?[] dcn, float branch_eps, int[] geometry, float offset_scale, "
-      "Tensor?[] mlp) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(internimage, AutocastCPU, m) {
-  m.impl("dcnv3", &dcnv3_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
-}
-
-TORCH_LIBRARY_IMPL(internimage, AutocastCUDA, m) {
-  m.impl("dcnv3", &dcnv3_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
-}
-
 }  // namespace internimage
-
-// Importing internimage._C runs the static registrations above. The module's one function,
-// cpu_isa(), names the instruction-set build the CPU kernels dispatch to ("avx512", "avx2",
-// "baseline"; "generic" off x86-64), for tests and bug reports.
-namespace {
-
-PyObject* cpu_isa(PyObject*, PyObject*) {
-#ifdef DCNV3_X86_DISPATCH
-  switch (internimage::cpu_level()) {
-    case internimage::CpuLevel::kAvx512:
-      return PyUnicode_FromString("avx512");
-    case internimage::CpuLevel::kAvx2:
-      return PyUnicode_FromString("avx2");
-    case internimage::CpuLevel::kBaseline:
-      break;
-  }
-  return PyUnicode_FromString("baseline");
-#else
-  return PyUnicode_FromString("generic");
-#endif
-}
-
-PyMethodDef module_methods[] = {
-    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-}  // namespace
-
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          module_methods};
-  return PyModule_Create(&module_def);
-}

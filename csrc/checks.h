@@ -1,4 +1,4 @@
-// Argument checking shared by every backend of the DCNv3 operator.
+// Argument checks shared by every backend (csrc/checks.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
