@@ -16,6 +16,16 @@ TORCH_LIBRARY(internimage, m) {
       "_dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
       "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor, Tensor)");
+  // DCNv4 core: DCNv3's sampling with one packed offset_mask per pixel, each group's 2P
+  // offsets then P (raw) mask values, padded to any width >= 3 * group * P.
+  m.def(
+      "dcnv4(Tensor input, Tensor offset_mask, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int group, int group_channels, float offset_scale, "
+      "bool remove_center=False) -> Tensor");
+  m.def(
+      "_dcnv4_backward(Tensor grad_output, Tensor input, Tensor offset_mask, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
+      "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor)");
   // dcnv3 with `mask` replaced by its logits: the softmax over each group's points is applied
   // inside the kernel (float32 CPU inference, forward only).
   m.def(
