@@ -224,8 +224,9 @@ DCNV3_ALWAYS_INLINE const T* address(std::uintptr_t a) {
 }
 
 // Sums samples [first, first + points) of one group into `out` (gc channels):
-// out = sum over samples and corners of weight * corner row.
-template <typename scalar_t, int GC, typename acc_t, bool kBackward>
+// out = sum over samples and corners of weight * corner row. kLanes: float32 lanes of one
+// vector register of the instruction set the caller is compiled for.
+template <typename scalar_t, int GC, int kLanes, typename acc_t, bool kBackward>
 DCNV3_ALWAYS_INLINE void sample_group(const SamplePlan<acc_t, kBackward>& plan, int64_t first,
                                       int points, int gc, acc_t* acc, scalar_t* out) {
   const int64_t cap = plan.capacity;
@@ -237,20 +238,21 @@ DCNV3_ALWAYS_INLINE void sample_group(const SamplePlan<acc_t, kBackward>& plan, 
   const std::uintptr_t* r1 = plan.row + cap;
   const std::uintptr_t* r2 = plan.row + 2 * cap;
   const std::uintptr_t* r3 = plan.row + 3 * cap;
-  if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && GC % 16 == 0) {
-    constexpr int kBlocks = GC / 16;
-    Floatx16 sums[kBlocks] = {};
+  if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && GC % kLanes == 0) {
+    constexpr int kBlocks = GC / kLanes;
+    typename FloatVector<kLanes>::type sums[kBlocks] = {};
     for (int64_t q = first; q < first + points; ++q) {
       const float* v0 = address<float>(r0[q]);
       const float* v1 = address<float>(r1[q]);
       const float* v2 = address<float>(r2[q]);
       const float* v3 = address<float>(r3[q]);
       for (int b = 0; b < kBlocks; ++b) {
-        sums[b] += w0[q] * DCNV3_LOAD16(v0 + 16 * b) + w1[q] * DCNV3_LOAD16(v1 + 16 * b) +
-                   w2[q] * DCNV3_LOAD16(v2 + 16 * b) + w3[q] * DCNV3_LOAD16(v3 + 16 * b);
+        const int c = kLanes * b;
+        sums[b] += w0[q] * load_floats<kLanes>(v0 + c) + w1[q] * load_floats<kLanes>(v1 + c) +
+                   w2[q] * load_floats<kLanes>(v2 + c) + w3[q] * load_floats<kLanes>(v3 + c);
       }
     }
-    std::memcpy(out, sums, sizeof sums);
+    for (int b = 0; b < kBlocks; ++b) store_floats<kLanes>(out + kLanes * b, sums[b]);
   } else {
     for (int c = 0; c < gc; ++c) acc[c] = acc_t(0);
     for (int64_t q = first; q < first + points; ++q) {
@@ -343,7 +345,7 @@ DCNV3_ALWAYS_INLINE void gather_run(const Dcnv3Geometry& g, const OffsetMaskLayo
 // Output pixels [begin, end) of the flattened (N, H_out, W_out). With kMaskLogits, `mask`
 // holds logits and the softmax over each group's points is applied here (float32, DCNv3's
 // layout only).
-template <typename scalar_t, int GC, bool kMaskLogits>
+template <typename scalar_t, int GC, int kLanes, bool kMaskLogits>
 DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g,
                                              const OffsetMaskLayout& layout,
                                              const scalar_t* input, const scalar_t* offset,
@@ -414,7 +416,7 @@ DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g,
     for (int64_t p = 0; p < pixels; ++p) {
       scalar_t* out = output + (first + p) * channels;
       for (int grp = 0; grp < g.group; ++grp) {
-        sample_group<scalar_t, GC>(w.plan, p * samples + static_cast<int64_t>(grp) * g.points,
+        sample_group<scalar_t, GC, kLanes>(w.plan, p * samples + static_cast<int64_t>(grp) * g.points,
                                    g.points, gc, w.acc, out + static_cast<int64_t>(grp) * gc);
       }
     }
@@ -422,34 +424,59 @@ DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g,
   }
 }
 
-// Four dot products of 16 lanes each, reduced together: a few shuffles instead of four
+// Four dot products of N lanes each, reduced together: a few shuffles instead of four
 // separate horizontal sums.
-DCNV3_ALWAYS_INLINE void sum4(Floatx16 a, Floatx16 b, Floatx16 c, Floatx16 d, float out[4]) {
-  typedef float Floatx8 __attribute__((vector_size(32)));
-  typedef float Floatx4 __attribute__((vector_size(16)));
-  const Floatx16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
-                                              21, 22, 23) +
-                      __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
-                                              27, 28, 29, 30, 31);
-  const Floatx16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
-                                              21, 22, 23) +
-                      __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
-                                              27, 28, 29, 30, 31);
-  // four partial sums of each of a, b, c, d
-  const Floatx16 abcd = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
-                                                19, 24, 25, 26, 27) +
-                        __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
-                                                23, 28, 29, 30, 31);
-  const Floatx8 pairs = __builtin_shufflevector(abcd, abcd, 0, 1, 4, 5, 8, 9, 12, 13) +
-                        __builtin_shufflevector(abcd, abcd, 2, 3, 6, 7, 10, 11, 14, 15);
-  const Floatx4 sums = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) +
-                       __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
+template <int N>
+DCNV3_ALWAYS_INLINE void sum4(typename FloatVector<N>::type a, typename FloatVector<N>::type b,
+                              typename FloatVector<N>::type c, typename FloatVector<N>::type d,
+                              float out[4]) {
+  using V4 = typename FloatVector<4>::type;
+  using V8 = typename FloatVector<8>::type;
+  V4 sums;
+  if constexpr (N == 16) {
+    using V16 = typename FloatVector<16>::type;
+    // eight partial sums of a and of b, then of c and d
+    const V16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                           22, 23) +
+                   __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27,
+                                           28, 29, 30, 31);
+    const V16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                           22, 23) +
+                   __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27,
+                                           28, 29, 30, 31);
+    // four of each
+    const V16 abcd = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19,
+                                             24, 25, 26, 27) +
+                     __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23,
+                                             28, 29, 30, 31);
+    const V8 pairs = __builtin_shufflevector(abcd, abcd, 0, 1, 4, 5, 8, 9, 12, 13) +
+                     __builtin_shufflevector(abcd, abcd, 2, 3, 6, 7, 10, 11, 14, 15);
+    sums = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) +
+           __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
+  } else if constexpr (N == 8) {
+    const V8 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+                  __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    const V8 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+                  __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+    const V8 pairs = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
+                     __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+    sums = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6) +
+           __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7);
+  } else {
+    static_assert(N == 4);
+    const V4 ab = __builtin_shufflevector(a, b, 0, 1, 4, 5) +
+                  __builtin_shufflevector(a, b, 2, 3, 6, 7);
+    const V4 cd = __builtin_shufflevector(c, d, 0, 1, 4, 5) +
+                  __builtin_shufflevector(c, d, 2, 3, 6, 7);
+    sums = __builtin_shufflevector(ab, cd, 0, 2, 4, 6) +
+           __builtin_shufflevector(ab, cd, 1, 3, 5, 7);
+  }
   std::memcpy(out, &sums, sizeof sums);
 }
 
 // One sample's backward channel loop: the four corner dot products with grad_output
 // (corner_dot) and the scatter of weight_k * grad_output into the corners' grad_input rows.
-template <typename scalar_t, int GC, typename acc_t>
+template <typename scalar_t, int GC, int kLanes, typename acc_t>
 DCNV3_ALWAYS_INLINE void backward_sample(const SamplePlan<acc_t, true>& plan, int64_t q,
                                          const acc_t* __restrict__ go, int gc,
                                          acc_t corner_dot[4]) {
@@ -465,20 +492,21 @@ DCNV3_ALWAYS_INLINE void backward_sample(const SamplePlan<acc_t, true>& plan, in
   acc_t* __restrict__ g1 = const_cast<acc_t*>(address<acc_t>(plan.grad_row[cap + q]));
   acc_t* __restrict__ g2 = const_cast<acc_t*>(address<acc_t>(plan.grad_row[2 * cap + q]));
   acc_t* __restrict__ g3 = const_cast<acc_t*>(address<acc_t>(plan.grad_row[3 * cap + q]));
-  if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && GC % 16 == 0) {
-    Floatx16 d0 = {}, d1 = {}, d2 = {}, d3 = {};
-    for (int b = 0; b < GC / 16; ++b) {
-      const Floatx16 gv = DCNV3_LOAD16(go + 16 * b);
-      d0 += gv * DCNV3_LOAD16(v0 + 16 * b);
-      d1 += gv * DCNV3_LOAD16(v1 + 16 * b);
-      d2 += gv * DCNV3_LOAD16(v2 + 16 * b);
-      d3 += gv * DCNV3_LOAD16(v3 + 16 * b);
-      DCNV3_STORE16(g0 + 16 * b, DCNV3_LOAD16(g0 + 16 * b) + w0 * gv);
-      DCNV3_STORE16(g1 + 16 * b, DCNV3_LOAD16(g1 + 16 * b) + w1 * gv);
-      DCNV3_STORE16(g2 + 16 * b, DCNV3_LOAD16(g2 + 16 * b) + w2 * gv);
-      DCNV3_STORE16(g3 + 16 * b, DCNV3_LOAD16(g3 + 16 * b) + w3 * gv);
+  if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && GC % kLanes == 0) {
+    using V = typename FloatVector<kLanes>::type;
+    V d0 = {}, d1 = {}, d2 = {}, d3 = {};
+    for (int c = 0; c < GC; c += kLanes) {
+      const V gv = load_floats<kLanes>(go + c);
+      d0 += gv * load_floats<kLanes>(v0 + c);
+      d1 += gv * load_floats<kLanes>(v1 + c);
+      d2 += gv * load_floats<kLanes>(v2 + c);
+      d3 += gv * load_floats<kLanes>(v3 + c);
+      store_floats<kLanes>(g0 + c, load_floats<kLanes>(g0 + c) + w0 * gv);
+      store_floats<kLanes>(g1 + c, load_floats<kLanes>(g1 + c) + w1 * gv);
+      store_floats<kLanes>(g2 + c, load_floats<kLanes>(g2 + c) + w2 * gv);
+      store_floats<kLanes>(g3 + c, load_floats<kLanes>(g3 + c) + w3 * gv);
     }
-    sum4(d0, d1, d2, d3, corner_dot);
+    sum4<kLanes>(d0, d1, d2, d3, corner_dot);
   } else {
     acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
@@ -502,7 +530,7 @@ DCNV3_ALWAYS_INLINE void backward_sample(const SamplePlan<acc_t, true>& plan, in
 
 // One (batch, group) slice of the backward, in runs of output pixels. grad_input is
 // accumulated in acc_t.
-template <typename scalar_t, int GC>
+template <typename scalar_t, int GC, int kLanes>
 DCNV3_ALWAYS_INLINE void backward_slice_impl(const Dcnv3Geometry& g,
                                              const OffsetMaskLayout& layout,
                                              const scalar_t* grad_output,
@@ -561,7 +589,7 @@ DCNV3_ALWAYS_INLINE void backward_slice_impl(const Dcnv3Geometry& g,
       for (int k = 0; k < points; ++k) {
         const int64_t q = p * points + k;
         acc_t corner_dot[4];
-        backward_sample<scalar_t, GC>(w.plan, q, go, gc, corner_dot);
+        backward_sample<scalar_t, GC, kLanes>(w.plan, q, go, gc, corner_dot);
         const SampleGradients<acc_t> r = sample_gradients(
             w.plan.frac_y[q], w.plan.frac_x[q], corner_dot, w.mask_values[q], offset_scale);
         const bool used = w.plan.corners[q] != 0u;  // a skipped sample gets zero gradients
@@ -575,7 +603,7 @@ DCNV3_ALWAYS_INLINE void backward_slice_impl(const Dcnv3Geometry& g,
 
 // group_channels 16 and 32 (every released InternImage and FlashInternImage) get loops of
 // fixed length.
-template <typename scalar_t, bool kMaskLogits = false>
+template <typename scalar_t, int kLanes, bool kMaskLogits = false>
 DCNV3_ALWAYS_INLINE void forward_pixels_any(const Dcnv3Geometry& g,
                                             const OffsetMaskLayout& layout,
                                             const scalar_t* input, const scalar_t* offset,
@@ -583,18 +611,18 @@ DCNV3_ALWAYS_INLINE void forward_pixels_any(const Dcnv3Geometry& g,
                                             int64_t begin, int64_t end) {
   switch (g.group_channels) {
     case 16:
-      return forward_pixels_impl<scalar_t, 16, kMaskLogits>(g, layout, input, offset, mask,
+      return forward_pixels_impl<scalar_t, 16, kLanes, kMaskLogits>(g, layout, input, offset, mask,
                                                             output, begin, end);
     case 32:
-      return forward_pixels_impl<scalar_t, 32, kMaskLogits>(g, layout, input, offset, mask,
+      return forward_pixels_impl<scalar_t, 32, kLanes, kMaskLogits>(g, layout, input, offset, mask,
                                                             output, begin, end);
     default:
-      return forward_pixels_impl<scalar_t, 0, kMaskLogits>(g, layout, input, offset, mask,
+      return forward_pixels_impl<scalar_t, 0, kLanes, kMaskLogits>(g, layout, input, offset, mask,
                                                            output, begin, end);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kLanes>
 DCNV3_ALWAYS_INLINE void backward_slices_any(const Dcnv3Geometry& g,
                                              const OffsetMaskLayout& layout,
                                              const scalar_t* grad_output,
@@ -608,43 +636,46 @@ DCNV3_ALWAYS_INLINE void backward_slices_any(const Dcnv3Geometry& g,
     const int grp = static_cast<int>(slice % g.group);
     switch (g.group_channels) {
       case 16:
-        backward_slice_impl<scalar_t, 16>(g, layout, grad_output, input, offset, mask,
+        backward_slice_impl<scalar_t, 16, kLanes>(g, layout, grad_output, input, offset, mask,
                                           grad_input, grad_offset, grad_mask, n, grp);
         break;
       case 32:
-        backward_slice_impl<scalar_t, 32>(g, layout, grad_output, input, offset, mask,
+        backward_slice_impl<scalar_t, 32, kLanes>(g, layout, grad_output, input, offset, mask,
                                           grad_input, grad_offset, grad_mask, n, grp);
         break;
       default:
-        backward_slice_impl<scalar_t, 0>(g, layout, grad_output, input, offset, mask,
+        backward_slice_impl<scalar_t, 0, kLanes>(g, layout, grad_output, input, offset, mask,
                                          grad_input, grad_offset, grad_mask, n, grp);
     }
   }
 }
 
-#define DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, target, suffix)                              \
+// kLanes: float32 lanes of a vector register for the instruction set of the entry point.
+#define DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, target, suffix, kLanes)                      \
   target void forward_pixels_##suffix(const Dcnv3Geometry& g, const OffsetMaskLayout& layout, \
                                       const scalar_t* input, const scalar_t* offset,         \
                                       const scalar_t* mask, scalar_t* output, int64_t begin, \
                                       int64_t end) {                                         \
-    forward_pixels_any<scalar_t>(g, layout, input, offset, mask, output, begin, end);        \
+    forward_pixels_any<scalar_t, kLanes>(g, layout, input, offset, mask, output, begin, end); \
   }                                                                                          \
   target void backward_slices_##suffix(                                                      \
       const Dcnv3Geometry& g, const OffsetMaskLayout& layout, const scalar_t* grad_output,   \
       const scalar_t* input, const scalar_t* offset, const scalar_t* mask,                   \
       at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset, scalar_t* grad_mask,     \
       int64_t begin, int64_t end) {                                                          \
-    backward_slices_any<scalar_t>(g, layout, grad_output, input, offset, mask, grad_input,   \
+    backward_slices_any<scalar_t, kLanes>(g, layout, grad_output, input, offset, mask,      \
+                                          grad_input,                                        \
                                   grad_offset, grad_mask, begin, end);                       \
   }
 
 #ifdef DCNV3_X86_DISPATCH
-#define DCNV3_DEFINE_ALL_ENTRY_POINTS(scalar_t)                      \
-  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, , baseline)                \
-  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, DCNV3_TARGET_AVX2, avx2)   \
-  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, DCNV3_TARGET_AVX512, avx512)
+#define DCNV3_DEFINE_ALL_ENTRY_POINTS(scalar_t)                         \
+  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, , baseline, 4)                \
+  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, DCNV3_TARGET_AVX2, avx2, 8)   \
+  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, DCNV3_TARGET_AVX512, avx512, 16)
 #else
-#define DCNV3_DEFINE_ALL_ENTRY_POINTS(scalar_t) DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, , baseline)
+#define DCNV3_DEFINE_ALL_ENTRY_POINTS(scalar_t) \
+  DCNV3_DEFINE_CPU_ENTRY_POINTS(scalar_t, , baseline, 4)
 #endif
 
 DCNV3_DEFINE_ALL_ENTRY_POINTS(float)
@@ -652,19 +683,20 @@ DCNV3_DEFINE_ALL_ENTRY_POINTS(double)
 DCNV3_DEFINE_ALL_ENTRY_POINTS(c10::BFloat16)
 DCNV3_DEFINE_ALL_ENTRY_POINTS(c10::Half)
 
-#define DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(target, suffix)                                  \
+#define DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(target, suffix, kLanes)                          \
   target void forward_pixels_mask_logits_##suffix(const Dcnv3Geometry& g,                    \
                                                   const OffsetMaskLayout& layout,            \
                                                   const float* input, const float* offset,   \
                                                   const float* logits, float* output,        \
                                                   int64_t begin, int64_t end) {              \
-    forward_pixels_any<float, true>(g, layout, input, offset, logits, output, begin, end);  \
+    forward_pixels_any<float, kLanes, true>(g, layout, input, offset, logits, output, begin,  \
+                                            end);                                            \
   }
 
-DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(, baseline)
+DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(, baseline, 4)
 #ifdef DCNV3_X86_DISPATCH
-DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(DCNV3_TARGET_AVX2, avx2)
-DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(DCNV3_TARGET_AVX512, avx512)
+DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(DCNV3_TARGET_AVX2, avx2, 8)
+DCNV3_DEFINE_MASK_LOGITS_ENTRY_POINT(DCNV3_TARGET_AVX512, avx512, 16)
 #endif
 
 void forward_pixels_mask_logits(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
