@@ -161,7 +161,7 @@ DCNV3_HOST_DEVICE void sampling_location(const Dcnv3Geometry& g, int64_t h_out, 
 // y0/x0 are the top-left corner, frac_y/frac_x = loc - floor(loc).
 template <typename T>
 DCNV3_HOST_DEVICE unsigned sample_corners(T loc_y, T loc_x, int64_t height, int64_t width,
-                                          int64_t& y0, int64_t& x0, T& frac_y, T& frac_x) {
+                                          int32_t& y0, int32_t& x0, T& frac_y, T& frac_x) {
   // Written so that NaN fails the test; bitwise & keeps the function free of branches.
   const bool inside = (loc_y > static_cast<T>(-1)) & (loc_x > static_cast<T>(-1)) &
                       (loc_y < static_cast<T>(height)) & (loc_x < static_cast<T>(width));
@@ -170,14 +170,16 @@ DCNV3_HOST_DEVICE unsigned sample_corners(T loc_y, T loc_x, int64_t height, int6
   loc_x = loc_x > static_cast<T>(-2) ? loc_x : static_cast<T>(-2);
   loc_y = loc_y < static_cast<T>(height) ? loc_y : static_cast<T>(height);
   loc_x = loc_x < static_cast<T>(width) ? loc_x : static_cast<T>(width);
-  const int32_t y_floor = floor_to_int(loc_y);
-  const int32_t x_floor = floor_to_int(loc_x);
-  y0 = y_floor;
-  x0 = x_floor;
-  frac_y = loc_y - static_cast<T>(y_floor);
-  frac_x = loc_x - static_cast<T>(x_floor);
-  const unsigned y0_in = y0 >= 0, y1_in = y0 + 1 < height;
-  const unsigned x0_in = x0 >= 0, x1_in = x0 + 1 < width;
+  y0 = floor_to_int(loc_y);
+  x0 = floor_to_int(loc_x);
+  frac_y = loc_y - static_cast<T>(y0);
+  frac_x = loc_x - static_cast<T>(x0);
+  // In 32 bits (sides are at most 2^30, see checks.cpp): vectorised, the lanes then match
+  // float32's.
+  const int32_t last_y = static_cast<int32_t>(height) - 1;
+  const int32_t last_x = static_cast<int32_t>(width) - 1;
+  const unsigned y0_in = y0 >= 0, y1_in = y0 < last_y;
+  const unsigned x0_in = x0 >= 0, x1_in = x0 < last_x;
   const unsigned bits =
       (y0_in & x0_in) | (y0_in & x1_in) << 1 | (y1_in & x0_in) << 2 | (y1_in & x1_in) << 3;
   return bits & (0u - static_cast<unsigned>(inside));
@@ -224,9 +226,9 @@ struct BilinearSample {
 template <typename T>
 DCNV3_HOST_DEVICE bool bilinear_sample(T loc_y, T loc_x, int64_t height, int64_t width,
                                        BilinearSample<T>& s) {
-  int64_t y0, x0;
+  int32_t y0, x0;
   s.corners = sample_corners(loc_y, loc_x, height, width, y0, x0, s.frac_y, s.frac_x);
-  const int64_t base = y0 * width + x0;
+  const int64_t base = static_cast<int64_t>(y0) * width + x0;
   s.pixel[0] = (s.corners & 1u) ? base : -1;
   s.pixel[1] = (s.corners & 2u) ? base + 1 : -1;
   s.pixel[2] = (s.corners & 4u) ? base + width : -1;

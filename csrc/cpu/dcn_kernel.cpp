@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <tuple>
 #include <type_traits>
@@ -80,69 +81,67 @@ class Scratch {
 
 // Where the samples of a run of output pixels land: see the file comment. A run holds whole
 // pixels; `per_pixel` samples each (all groups of a pixel in the forward, the one group of a
-// slice in the backward), in [pixel][group][point] order.
+// slice in the backward), in [pixel][group][point] order. Corner addresses are those of the
+// pixel's first channel; the forward adds each group's channel offset as it reads them.
 template <typename acc_t, bool kBackward>
 struct SamplePlan {
   int64_t capacity;  // samples
   int64_t per_pixel;
   // Per-sample pattern, the same for every run: kernel-grid displacement of the sample's tap
-  // (unscaled) and the first channel of its group.
+  // (unscaled).
   acc_t* tap_x;
   acc_t* tap_y;
-  int64_t* channel_start;
   acc_t* centre_x;  // kernel centre of each sample's output pixel
   acc_t* centre_y;
   // Corner k of sample q at [k * capacity + q]: its weight (0 outside the image) and the
-  // address of its first channel (a row of zeros outside the image).
+  // address of its pixel's first channel (a row of zeros outside the image).
   acc_t* weight;
   std::uintptr_t* row;
-  // Backward only: where corner k's gradient goes (a scratch row outside the image), the
-  // fractional position and the corner bits (0: skipped sample).
+  // The top-left corner's pixel and the corner bits (0: skipped sample).
+  int32_t* top;
+  int32_t* left;
+  unsigned* corners;
+  // Backward only: where corner k's gradient goes (a scratch row outside the image) and the
+  // fractional position.
   std::uintptr_t* grad_row = nullptr;
   acc_t* frac_x = nullptr;
   acc_t* frac_y = nullptr;
-  unsigned* corners = nullptr;
 
   SamplePlan(Scratch& s, int64_t capacity_, int64_t per_pixel_)
       : capacity(capacity_), per_pixel(per_pixel_) {
     tap_x = s.take<acc_t>(capacity);
     tap_y = s.take<acc_t>(capacity);
-    channel_start = s.take<int64_t>(capacity);
     centre_x = s.take<acc_t>(capacity);
     centre_y = s.take<acc_t>(capacity);
     weight = s.take<acc_t>(4 * capacity);
     row = s.take<std::uintptr_t>(4 * capacity);
+    top = s.take<int32_t>(capacity);
+    left = s.take<int32_t>(capacity);
+    corners = s.take<unsigned>(capacity);
     if constexpr (kBackward) {
       grad_row = s.take<std::uintptr_t>(4 * capacity);
       frac_x = s.take<acc_t>(capacity);
       frac_y = s.take<acc_t>(capacity);
-      corners = s.take<unsigned>(capacity);
     }
   }
 
   // Fills the per-sample pattern (once per chunk of work).
   void init_pattern(const Dcnv3Geometry& g) {
-    const int64_t groups = per_pixel / g.points;
-    for (int64_t first = 0; first < capacity; first += per_pixel) {
-      int64_t q = first;
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        for (int i = 0; i < g.kernel_w; ++i) {
-          for (int j = 0; j < g.kernel_h; ++j) {
-            if (is_removed_centre(g, i, j)) continue;
-            kernel_tap_displacement(g, i, j, tap_x[q], tap_y[q]);
-            channel_start[q] = grp * g.group_channels;
-            ++q;
-          }
+    for (int64_t q = 0; q < capacity;) {
+      for (int i = 0; i < g.kernel_w && q < capacity; ++i) {
+        for (int j = 0; j < g.kernel_h && q < capacity; ++j) {
+          if (is_removed_centre(g, i, j)) continue;
+          kernel_tap_displacement(g, i, j, tap_x[q], tap_y[q]);
+          ++q;
         }
       }
     }
   }
 
   // Plans the samples of the `pixels` output pixels from flat index `first_pixel` of
-  // (N, H_out, W_out) on, all in one image whose first channel is at `image` (its gradient
-  // at `grad_image`). `offset` holds the run's (x, y) pairs back to back, `mask` its mask
-  // values; `zeros` and `sink` are rows of group_channels that corners outside the image read
-  // and write.
+  // (N, H_out, W_out) on, all in one image at `image` (its gradient at `grad_image`).
+  // `offset` holds the run's (x, y) pairs back to back, `mask` its mask values; `zeros` and
+  // `sink` are rows of at least C values that corners outside the image read and write.
   template <typename scalar_t, typename offset_t>
   DCNV3_ALWAYS_INLINE void locate(const Dcnv3Geometry& g, int64_t first_pixel, int64_t pixels,
                                   const offset_t* __restrict__ offset,
@@ -159,32 +158,44 @@ struct SamplePlan {
       std::fill_n(centre_y + p * per_pixel, per_pixel, cy);
     }
     const int64_t count = per_pixel * pixels;
+    // Element offsets from 32-bit products when a row of the image has fewer than 2^31
+    // elements (always, in practice): vectorised, 64-bit multiplies cost several instructions
+    // each on AVX2.
+    const int64_t row_elements = g.width_in * g.channels();
+    if (row_elements <= std::numeric_limits<int32_t>::max()) {
+      locate_impl<true>(g, count, offset, mask, image, zeros, grad_image, sink);
+    } else {
+      locate_impl<false>(g, count, offset, mask, image, zeros, grad_image, sink);
+    }
+  }
+
+  // Two passes, so that neither runs out of vector registers (AVX2 has 16): the first in
+  // float lanes (locations, corners, weights), the second in 64-bit lanes (addresses).
+  template <bool kNarrow, typename scalar_t, typename offset_t>
+  DCNV3_ALWAYS_INLINE void locate_impl(const Dcnv3Geometry& g, int64_t count,
+                                       const offset_t* __restrict__ offset,
+                                       const acc_t* __restrict__ mask, const scalar_t* image,
+                                       const scalar_t* zeros, acc_t* grad_image, acc_t* sink) {
     const int64_t cap = capacity;
     const acc_t scale = static_cast<acc_t>(g.offset_scale);
-    const int64_t height = g.height_in, width = g.width_in, channels = g.channels();
-    const int64_t below = width * channels;
-    const std::uintptr_t image_address = reinterpret_cast<std::uintptr_t>(image);
-    const std::uintptr_t zero_address = reinterpret_cast<std::uintptr_t>(zeros);
-    const std::uintptr_t grad_address = reinterpret_cast<std::uintptr_t>(grad_image);
-    const std::uintptr_t sink_address = reinterpret_cast<std::uintptr_t>(sink);
+    const int64_t height = g.height_in, width = g.width_in;
     const acc_t* __restrict__ tx = tap_x;
     const acc_t* __restrict__ ty = tap_y;
-    const int64_t* __restrict__ cs = channel_start;
     const acc_t* __restrict__ cxs = centre_x;
     const acc_t* __restrict__ cys = centre_y;
     acc_t* __restrict__ w = weight;
-    std::uintptr_t* __restrict__ rows = row;
-    std::uintptr_t* __restrict__ grad_rows = grad_row;
+    int32_t* __restrict__ ys = top;
+    int32_t* __restrict__ xs = left;
+    unsigned* __restrict__ bits_out = corners;
     acc_t* __restrict__ fxs = frac_x;
     acc_t* __restrict__ fys = frac_y;
-    unsigned* __restrict__ bits_out = corners;
 #pragma omp simd
     for (int64_t q = 0; q < count; ++q) {
       const acc_t loc_x =
           sample_coordinate(cxs[q], tx[q], static_cast<acc_t>(offset[2 * q]), scale);
       const acc_t loc_y =
           sample_coordinate(cys[q], ty[q], static_cast<acc_t>(offset[2 * q + 1]), scale);
-      int64_t y0, x0;
+      int32_t y0, x0;
       acc_t fy, fx;
       const unsigned bits = sample_corners(loc_y, loc_x, height, width, y0, x0, fy, fx);
       const CornerValues<acc_t> wk = masked_corner_weights(bits, mask[q], fy, fx);
@@ -192,27 +203,48 @@ struct SamplePlan {
       w[cap + q] = wk.v[1];
       w[2 * cap + q] = wk.v[2];
       w[3 * cap + q] = wk.v[3];
-      // Corner k's row is `first` plus step_k elements (written out: see
-      // masked_corner_weights).
-      const std::uintptr_t first =
-          static_cast<std::uintptr_t>((y0 * width + x0) * channels + cs[q]);
-      const std::uintptr_t right = static_cast<std::uintptr_t>(channels);
-      const std::uintptr_t down = static_cast<std::uintptr_t>(below);
-      const std::uintptr_t at = image_address + first * sizeof(scalar_t);
+      ys[q] = y0;
+      xs[q] = x0;
+      bits_out[q] = bits;
+      if constexpr (kBackward) {
+        fxs[q] = fx;
+        fys[q] = fy;
+      }
+    }
+
+    const int64_t channels = g.channels();
+    const int64_t below = width * channels;
+    const int32_t below32 = static_cast<int32_t>(kNarrow ? below : 0);
+    const int32_t channels32 = static_cast<int32_t>(kNarrow ? channels : 0);
+    const std::uintptr_t image_address = reinterpret_cast<std::uintptr_t>(image);
+    const std::uintptr_t zero_address = reinterpret_cast<std::uintptr_t>(zeros);
+    const std::uintptr_t grad_address = reinterpret_cast<std::uintptr_t>(grad_image);
+    const std::uintptr_t sink_address = reinterpret_cast<std::uintptr_t>(sink);
+    const std::uintptr_t right = static_cast<std::uintptr_t>(channels);
+    const std::uintptr_t down = static_cast<std::uintptr_t>(below);
+    std::uintptr_t* __restrict__ rows = row;
+    std::uintptr_t* __restrict__ grad_rows = grad_row;
+#pragma omp simd
+    for (int64_t q = 0; q < count; ++q) {
+      const unsigned bits = bits_out[q];
+      // Element offset of the top-left corner; corner k's row is that plus a step (written
+      // out: see masked_corner_weights).
+      const int64_t first =
+          kNarrow ? static_cast<int64_t>(ys[q]) * below32 + static_cast<int64_t>(xs[q]) * channels32
+                  : (static_cast<int64_t>(ys[q]) * width + xs[q]) * channels;
+      const std::uintptr_t element = static_cast<std::uintptr_t>(first);
+      const std::uintptr_t at = image_address + element * sizeof(scalar_t);
       rows[q] = (bits & 1u) ? at : zero_address;
       rows[cap + q] = (bits & 2u) ? at + right * sizeof(scalar_t) : zero_address;
       rows[2 * cap + q] = (bits & 4u) ? at + down * sizeof(scalar_t) : zero_address;
       rows[3 * cap + q] = (bits & 8u) ? at + (down + right) * sizeof(scalar_t) : zero_address;
       if constexpr (kBackward) {
-        const std::uintptr_t grad_at = grad_address + first * sizeof(acc_t);
+        const std::uintptr_t grad_at = grad_address + element * sizeof(acc_t);
         grad_rows[q] = (bits & 1u) ? grad_at : sink_address;
         grad_rows[cap + q] = (bits & 2u) ? grad_at + right * sizeof(acc_t) : sink_address;
         grad_rows[2 * cap + q] = (bits & 4u) ? grad_at + down * sizeof(acc_t) : sink_address;
         grad_rows[3 * cap + q] =
             (bits & 8u) ? grad_at + (down + right) * sizeof(acc_t) : sink_address;
-        fxs[q] = fx;
-        fys[q] = fy;
-        bits_out[q] = bits;
       }
     }
   }
@@ -228,7 +260,8 @@ DCNV3_ALWAYS_INLINE const T* address(std::uintptr_t a) {
 // vector register of the instruction set the caller is compiled for.
 template <typename scalar_t, int GC, int kLanes, typename acc_t, bool kBackward>
 DCNV3_ALWAYS_INLINE void sample_group(const SamplePlan<acc_t, kBackward>& plan, int64_t first,
-                                      int points, int gc, acc_t* acc, scalar_t* out) {
+                                      int points, int64_t channel_start, int gc, acc_t* acc,
+                                      scalar_t* out) {
   const int64_t cap = plan.capacity;
   const acc_t* w0 = plan.weight;
   const acc_t* w1 = plan.weight + cap;
@@ -242,10 +275,10 @@ DCNV3_ALWAYS_INLINE void sample_group(const SamplePlan<acc_t, kBackward>& plan, 
     constexpr int kBlocks = GC / kLanes;
     typename FloatVector<kLanes>::type sums[kBlocks] = {};
     for (int64_t q = first; q < first + points; ++q) {
-      const float* v0 = address<float>(r0[q]);
-      const float* v1 = address<float>(r1[q]);
-      const float* v2 = address<float>(r2[q]);
-      const float* v3 = address<float>(r3[q]);
+      const float* v0 = address<float>(r0[q]) + channel_start;
+      const float* v1 = address<float>(r1[q]) + channel_start;
+      const float* v2 = address<float>(r2[q]) + channel_start;
+      const float* v3 = address<float>(r3[q]) + channel_start;
       for (int b = 0; b < kBlocks; ++b) {
         const int c = kLanes * b;
         sums[b] += w0[q] * load_floats<kLanes>(v0 + c) + w1[q] * load_floats<kLanes>(v1 + c) +
@@ -257,10 +290,10 @@ DCNV3_ALWAYS_INLINE void sample_group(const SamplePlan<acc_t, kBackward>& plan, 
     for (int c = 0; c < gc; ++c) acc[c] = acc_t(0);
     for (int64_t q = first; q < first + points; ++q) {
       const acc_t a = w0[q], b = w1[q], c2 = w2[q], d = w3[q];
-      const scalar_t* __restrict__ v0 = address<scalar_t>(r0[q]);
-      const scalar_t* __restrict__ v1 = address<scalar_t>(r1[q]);
-      const scalar_t* __restrict__ v2 = address<scalar_t>(r2[q]);
-      const scalar_t* __restrict__ v3 = address<scalar_t>(r3[q]);
+      const scalar_t* __restrict__ v0 = address<scalar_t>(r0[q]) + channel_start;
+      const scalar_t* __restrict__ v1 = address<scalar_t>(r1[q]) + channel_start;
+      const scalar_t* __restrict__ v2 = address<scalar_t>(r2[q]) + channel_start;
+      const scalar_t* __restrict__ v3 = address<scalar_t>(r3[q]) + channel_start;
 #pragma omp simd
       for (int c = 0; c < gc; ++c) {
         acc[c] += a * static_cast<acc_t>(v0[c]) + b * static_cast<acc_t>(v1[c]) +
@@ -323,22 +356,43 @@ DCNV3_ALWAYS_INLINE void group_softmax_any(const float* logits, int64_t groups, 
 
 // The offsets ((x, y) pairs) and mask values of groups [group_first, group_first + groups)
 // of `pixels` output pixels from `first_pixel` on, copied back to back ([pixel][group][point])
-// into `offsets` and `mask` (converted to acc_t).
+// into `offsets` and `mask` (converted to acc_t). kPoints > 0: the point count, known at
+// compile time (the copies are then a few vector moves each).
+template <int kPoints, typename scalar_t, typename acc_t>
+DCNV3_ALWAYS_INLINE void gather_run_impl(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
+                                         const scalar_t* offset, const scalar_t* mask,
+                                         int64_t first_pixel, int64_t pixels,
+                                         int64_t group_first, int64_t groups,
+                                         scalar_t* __restrict__ offsets,
+                                         acc_t* __restrict__ mask_values) {
+  const int points = kPoints > 0 ? kPoints : g.points;
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t grp = group_first; grp < group_first + groups; ++grp) {
+      const scalar_t* __restrict__ off = offset + layout.offset_index(first_pixel + p, grp);
+      const scalar_t* __restrict__ msk = mask + layout.mask_index(first_pixel + p, grp);
+      for (int k = 0; k < 2 * points; ++k) offsets[k] = off[k];
+      for (int k = 0; k < points; ++k) mask_values[k] = static_cast<acc_t>(msk[k]);
+      offsets += 2 * points;
+      mask_values += points;
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 DCNV3_ALWAYS_INLINE void gather_run(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
                                     const scalar_t* offset, const scalar_t* mask,
                                     int64_t first_pixel, int64_t pixels, int64_t group_first,
                                     int64_t groups, scalar_t* offsets, acc_t* mask_values) {
-  const int points = g.points;
-  for (int64_t p = 0; p < pixels; ++p) {
-    for (int64_t grp = group_first; grp < group_first + groups; ++grp) {
-      const scalar_t* off = offset + layout.offset_index(first_pixel + p, grp);
-      const scalar_t* msk = mask + layout.mask_index(first_pixel + p, grp);
-      std::memcpy(offsets, off, 2 * points * sizeof(scalar_t));
-      for (int k = 0; k < points; ++k) mask_values[k] = static_cast<acc_t>(msk[k]);
-      offsets += 2 * points;
-      mask_values += points;
-    }
+  switch (g.points) {
+    case 9:  // 3 x 3
+      return gather_run_impl<9>(g, layout, offset, mask, first_pixel, pixels, group_first,
+                                groups, offsets, mask_values);
+    case 8:  // 3 x 3 without its centre
+      return gather_run_impl<8>(g, layout, offset, mask, first_pixel, pixels, group_first,
+                                groups, offsets, mask_values);
+    default:
+      return gather_run_impl<0>(g, layout, offset, mask, first_pixel, pixels, group_first,
+                                groups, offsets, mask_values);
   }
 }
 
@@ -369,7 +423,7 @@ DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g,
       scalar_t* offsets;
       acc_t* mask_values;
     } w{SamplePlan<acc_t, false>(s, run * samples, samples), s.take<acc_t>(gc),
-        s.take<scalar_t>(gc), s.take<scalar_t>(dense ? 0 : 2 * run * samples),
+        s.take<scalar_t>(channels), s.take<scalar_t>(dense ? 0 : 2 * run * samples),
         s.take<acc_t>(run * samples)};
     return w;
   };
@@ -378,7 +432,7 @@ DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g,
   Scratch scratch(Scratch::get(sizing.bytes()));
   auto w = carve(scratch);
   w.plan.init_pattern(g);
-  std::fill_n(w.zeros, gc, scalar_t(0));
+  std::fill_n(w.zeros, channels, scalar_t(0));
 
   for (int64_t first = begin; first < end;) {
     // A run stays within one image.
@@ -416,8 +470,9 @@ DCNV3_ALWAYS_INLINE void forward_pixels_impl(const Dcnv3Geometry& g,
     for (int64_t p = 0; p < pixels; ++p) {
       scalar_t* out = output + (first + p) * channels;
       for (int grp = 0; grp < g.group; ++grp) {
-        sample_group<scalar_t, GC, kLanes>(w.plan, p * samples + static_cast<int64_t>(grp) * g.points,
-                                   g.points, gc, w.acc, out + static_cast<int64_t>(grp) * gc);
+        const int64_t channel_start = static_cast<int64_t>(grp) * gc;
+        sample_group<scalar_t, GC, kLanes>(w.plan, p * samples + grp * g.points, g.points,
+                                           channel_start, gc, w.acc, out + channel_start);
       }
     }
     first += pixels;
