@@ -93,16 +93,19 @@ struct OffsetMaskLayout {
   }
   // DCNv4: one (.., channels) tensor, the mask pointer at its element 2P.
   static OffsetMaskLayout packed(int points, int64_t channels) {
-    return {channels, 3 * static_cast<int64_t>(points), channels, 3 * static_cast<int64_t>(points)};
+    const int64_t block = 3 * static_cast<int64_t>(points);
+    return {channels, block, channels, block};
   }
   // In the caller's index type (CUDA kernels index in int32 when everything fits).
   template <typename I>
   DCNV3_HOST_DEVICE I offset_index(I pixel, typename NonDeduced<I>::type group) const {
-    return pixel * static_cast<I>(offset_pixel_stride) + group * static_cast<I>(offset_group_stride);
+    return pixel * static_cast<I>(offset_pixel_stride) +
+           group * static_cast<I>(offset_group_stride);
   }
   template <typename I>
   DCNV3_HOST_DEVICE I mask_index(I pixel, typename NonDeduced<I>::type group) const {
-    return pixel * static_cast<I>(mask_pixel_stride) + group * static_cast<I>(mask_group_stride);
+    return pixel * static_cast<I>(mask_pixel_stride) +
+           group * static_cast<I>(mask_group_stride);
   }
   // Whether the samples of consecutive (pixel, group) pairs follow each other with no gap
   // (DCNv3), so that a run of them can be read in place.
