@@ -1,130 +1,92 @@
-"""CPU latency of InternImage-T against timm's ConvNeXt-T (eval, inference_mode, float32).
+"""CPU inference latency of InternImage-T against timm's ConvNeXt-T, every path side by side.
 
-Both models run in one process on the same inputs; after a warm-up, the timed forwards are
-interleaved (internimage, convnext, internimage, ...) so machine-load drift hits both alike,
-and the median of each is reported with the latency ratio. The same InternImage-T also runs
-with the fused CPU inference kernels switched off (``unfused``: the plain modules), so the
-table shows what those kernels buy. Next to wall-clock latency the
-table gives the median process CPU time per forward (all threads), which is far less
-sensitive to other processes competing for the cores (on a loaded machine, OpenMP threads
-wait for each other and wall time measures the contention more than the model).
-``--profile`` adds a torch.profiler table of InternImage-T's most expensive operators.
+For batch 1 and 8 at 224x224, float32, ``torch.inference_mode``, one process: InternImage-T
+eager (as built), after ``internimage.optimize_for_inference``, compiled (``torch.compile``
+with Inductor freezing) and optimized-then-compiled; ConvNeXt-T eager and compiled. Each case
+is set up and warmed up, then the cases are timed interleaved, round by round (so drift in
+the machine's speed hits them alike), with ``internimage bench``'s timing code; medians of
+wall-clock and process CPU time. The table also gives each path's multiply-adds per second
+as a share of a float32 4096^3 GEMM measured in the same run, and the ratios.
 
-    python benchmarks/bench_model.py                  # batch 1 and 8 at 224x224
-    python benchmarks/bench_model.py --runs 20 --threads 2 --profile
+    python benchmarks/bench_model.py                       # batch 1 and 8, 224x224
+    python benchmarks/bench_model.py --runs 20 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
 
 import timm
 import torch
 
-import internimage  # noqa: F401  (registers the internimage_* models)
-from internimage.cpu_inference import unfused
+import internimage
+from internimage.bench import (
+    cpu_name,
+    gemm_peak_flops,
+    model_case,
+    model_table,
+    prepare_case,
+    time_interleaved,
+)
+from internimage.flops import model_complexity
 
-
-def _time_once(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    start, start_cpu = time.perf_counter(), time.process_time()
-    model(x)
-    return time.perf_counter() - start, time.process_time() - start_cpu
-
-
-class Unfused(torch.nn.Module):
-    """Runs ``model`` with the fused CPU inference kernels switched off (the plain modules)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with unfused():
-            return self.model(x)
-
-
-def bench(
-    model_name: str, baseline: str, batch: int, size: int, runs: int, warmup: int,
-    channels_last: bool,
-) -> dict[str, list[tuple[float, float]]]:
-    """(wall, cpu) seconds per forward of the model (fused kernels on, then off) and the
-    baseline, interleaved run by run."""
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False).eval()
-    models = {
-        model_name: model,
-        "unfused": Unfused(model),
-        baseline: timm.create_model(baseline, pretrained=False).eval(),
-    }
-    x = torch.randn(batch, 3, size, size)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for m in models.values():
-                m(x)
-        for _ in range(runs):
-            for name, m in models.items():
-                samples[name].append(_time_once(m, x))
-    return samples
-
-
-def profile(name: str, batch: int, size: int, rows: int) -> None:
-    """Prints the top operators (self CPU time) of a few forwards of ``name``."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    model = timm.create_model(name, pretrained=False).eval()
-    x = torch.randn(batch, 3, size, size)
-    with torch.inference_mode():
-        model(x)
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                model(x)
-    print(f"\nprofile: {name}, batch {batch}, {size}x{size}, 3 forwards")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+#: (model, path) timed for each batch size (paths: internimage.bench.PATHS).
+CASES = [
+    ("internimage_t", "eager"),
+    ("internimage_t", "optimized"),
+    ("internimage_t", "compiled"),
+    ("internimage_t", "optimized+compiled"),
+    ("convnext_tiny", "eager"),
+    ("convnext_tiny", "compiled"),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="internimage_t")
-    parser.add_argument("--baseline", default="convnext_tiny")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--runs", type=int, default=10, help="timed forwards per model")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=15, help="timed rounds (default: 15)")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last input")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler table")
-    parser.add_argument("--profile-rows", type=int, default=15)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    print(f"torch {torch.__version__}, timm {timm.__version__}, threads "
-          f"{torch.get_num_threads()} of {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.2f}, float32, eval, inference_mode, {args.size}x{args.size}, "
-          f"{args.warmup} warm-up + {args.runs} interleaved runs per model, medians")
-    a, b = args.model, args.baseline
-    header = (f"{'batch':>5} | {a + ' ms':>17} | {b + ' ms':>18} | {'ratio':>5} | "
-              f"{a + ' cpu-ms':>21} | {b + ' cpu-ms':>22} | {'cpu ratio':>9} | "
-              f"{'unfused ms':>10} | {'unfused ratio':>13}")
-    print(header)
-    print("-" * len(header))
+    device = torch.device("cpu")
+    peak = gemm_peak_flops(device)
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores; torch "
+          f"{torch.__version__}, timm {timm.__version__}, internimage {internimage.__version__};"
+          f" float32, inference_mode, {args.size}x{args.size}, {args.warmup} warm-up + "
+          f"{args.runs} interleaved rounds, medians; load average {os.getloadavg()[0]:.2f}")
+    names = list(dict.fromkeys(name for name, _ in CASES))
+    complexity = {n: model_complexity(n, (3, args.size, args.size)) for n in names}
+    env = {"mode": "inference", "gemm_peak_gflops": round(peak / 1e9, 1)}
     for batch in args.batch_sizes:
-        samples = bench(a, b, batch, args.size, args.runs, args.warmup, args.channels_last)
-        wall = {n: statistics.median(s[0] for s in samples[n]) * 1e3 for n in samples}
-        cpu = {n: statistics.median(s[1] for s in samples[n]) * 1e3 for n in samples}
-        print(f"{batch:>5} | {wall[a]:>17.1f} | {wall[b]:>18.1f} | {wall[a] / wall[b]:>5.2f} | "
-              f"{cpu[a]:>21.1f} | {cpu[b]:>22.1f} | {cpu[a] / cpu[b]:>9.2f} | "
-              f"{wall['unfused']:>10.1f} | {wall['unfused'] / wall[b]:>13.2f}")
-    if args.profile:
-        for batch in args.batch_sizes:
-            profile(args.model, batch, args.size, args.profile_rows)
+        cases, steps = [], {}
+        for name, path in CASES:
+            case = model_case(name, path, batch, args.size, torch.float32, device, train=False,
+                               channels_last=False)
+            print(f"batch {batch}: setting up {case.label}", file=sys.stderr, flush=True)
+            step = prepare_case(case, device, args.warmup, _NoProgress())
+            cases.append(case)
+            if step is None:
+                print(f"  failed: {case.error}", file=sys.stderr)
+            else:
+                steps[case] = step
+        time_interleaved(steps, device, args.runs, budget=float("inf"), progress=_NoProgress())
+        print()
+        print("\n".join(model_table(cases, complexity, env)))
+        for case in cases:
+            if case.error:
+                print(f"FAILED {case.label}: {case.error}")
+
+
+class _NoProgress:
+    """Stands in for the tqdm bar that ``internimage bench`` passes to the timing code."""
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@
 // (backward passes, the fused float32 CPU inference kernels), not part of its API.
 #include <torch/library.h>
 
+#include <vector>
+
 TORCH_LIBRARY(internimage, m) {
+  // needs_fixed_stride_order: under torch.compile the kernels get the strides eager mode gives
+  // them (contiguous), not a layout Inductor picked for a producer (which they would copy).
+  const std::vector<at::Tag> fixed_strides = {at::Tag::needs_fixed_stride_order};
   // DCNv3 core (internimage/ops.py documents layouts and semantics).
   m.def(
       "dcnv3(Tensor input, Tensor offset, Tensor mask, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int group, int group_channels, float offset_scale, "
-      "bool remove_center) -> Tensor");
+      "bool remove_center) -> Tensor",
+      fixed_strides);
   m.def(
       "_dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
@@ -21,7 +27,8 @@ TORCH_LIBRARY(internimage, m) {
   m.def(
       "dcnv4(Tensor input, Tensor offset_mask, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int group, int group_channels, float offset_scale, "
-      "bool remove_center=False) -> Tensor");
+      "bool remove_center=False) -> Tensor",
+      fixed_strides);
   m.def(
       "_dcnv4_backward(Tensor grad_output, Tensor input, Tensor offset_mask, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
@@ -37,15 +44,4 @@ TORCH_LIBRARY(internimage, m) {
   m.def(
       "_dwconv_layernorm_gelu(Tensor input, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor");
-  // One InternImage block for float32 CPU inference (forward only; csrc/cpu/block_inference.cpp).
-  // norms: LayerNorm weight/bias pairs applied before and after the mixer, then before and
-  // after the MLP (None where the block has none), with norm_eps one per pair.
-  // gamma1/gamma2: layer scales or None. dcn: the DCNv3 module's weight/bias pairs: input
-  // projection, depthwise conv, its LayerNorm (eps branch_eps), offset, mask, output
-  // projection, centre-feature-scale gate (None, None without one). geometry: kernel_size,
-  // stride, pad, dilation, group, group_channels, remove_center. mlp: fc1 (GELU) and fc2.
-  m.def(
-      "_block_cpu_inference(Tensor x, Tensor?[] norms, float[] norm_eps, Tensor? gamma1, "
-      "Tensor? gamma2, Tensor?[] dcn, float branch_eps, int[] geometry, float offset_scale, "
-      "Tensor?[] mlp) -> Tensor");
 }

@@ -11,6 +11,7 @@ from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
 from internimage.dcnv3 import DCNv3
 from internimage.dcnv4 import DCNv4
 from internimage.export import export_onnx
+from internimage.inference import optimize_for_inference
 from internimage.internimage import (
     InternImage,
     MetadataHead,
@@ -19,6 +20,7 @@ from internimage.internimage import (
     encode_inat_metadata,
     imagenet22k_to_1k_indices,
 )
+from internimage.layer_decay import param_groups_layer_decay
 
 __version__ = "0.1.0"
 __all__ = [
@@ -33,5 +35,7 @@ __all__ = [
     "convert_checkpoint",
     "load_original_checkpoint",
     "export_onnx",
+    "optimize_for_inference",
+    "param_groups_layer_decay",
     "__version__",
 ]

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from internimage.cli_common import (
     CommandError,
@@ -48,7 +48,8 @@ from internimage.cli_common import (
 )
 from internimage.commands import format_table
 
-__all__ = ["run_bench", "PeakMemory", "parse_dtype", "dcn_stage_shapes"]
+__all__ = ["run_bench", "PeakMemory", "parse_dtype", "dcn_stage_shapes", "PATHS", "model_case",
+           "prepare_case", "time_interleaved", "model_table", "gemm_peak_flops", "cpu_name"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -138,7 +139,7 @@ class PeakMemory:
 # Cases
 
 
-@dataclass
+@dataclass(eq=False)  # identity-hashed: cases key the timing rounds
 class Case:
     """One timed workload: ``setup()`` builds it and returns the step to time."""
 
@@ -208,8 +209,13 @@ def _op_case(shape: dict[str, Any], impl: str, batch: int, dtype: torch.dtype,
     return Case("op", label, setup, batch, info)
 
 
-def _model_case(name: str, batch: int, img_size: int, dtype: torch.dtype, device: torch.device,
-                train: bool, channels_last: bool, compile_model: bool) -> Case:
+#: How a model runs: as built, after internimage.optimize_for_inference, torch.compile'd (with
+#: Inductor freezing for inference, which folds the frozen weights into the graph), or both.
+PATHS = ("eager", "optimized", "compiled", "optimized+compiled")
+
+
+def model_case(name: str, path: str, batch: int, img_size: int, dtype: torch.dtype,
+                device: torch.device, train: bool, channels_last: bool) -> Case:
     def setup() -> Callable[[], Any]:
         torch.manual_seed(0)
         model = build_model(name, device=device)
@@ -223,11 +229,22 @@ def _model_case(name: str, batch: int, img_size: int, dtype: torch.dtype, device
                         dtype=torch.float32 if use_autocast else dtype)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        runner: nn.Module | Callable = torch.compile(model) if compile_model else model
+        if "optimized" in path:
+            from internimage.inference import optimize_for_inference
+
+            model = optimize_for_inference(model)
+        runner: nn.Module | Callable = model
+        if "compiled" in path:
+            runner = torch.compile(model)
         if not train:
             def step() -> Any:
                 with torch.inference_mode():
                     return runner(x)
+            if "compiled" in path:  # compiles now, with the weights frozen into the graph
+                import torch._inductor.config as inductor_config
+
+                with inductor_config.patch(freezing=True):
+                    step()
             return step
         target = torch.randint(0, model.num_classes, (batch,), device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -241,7 +258,31 @@ def _model_case(name: str, batch: int, img_size: int, dtype: torch.dtype, device
             return loss
         return train_step
 
-    return Case("model", name, setup, batch, {"model": name})
+    return Case("model", f"{name} {path}", setup, batch, {"model": name, "path": path})
+
+
+def gemm_peak_flops(device: torch.device, size: int = 4096, iters: int = 3) -> float:
+    """The machine's float32 matrix-multiply rate, FLOP/s: a ``size``-cubed GEMM, oneDNN's
+    linear on the CPU (the primitive behind the models' linears), ``torch.mm`` on CUDA."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device)
+    b = torch.randn(size, size, generator=gen).to(device)
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        def step() -> Tensor:
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    else:
+        def step() -> Tensor:
+            return torch.mm(a, b)
+    with torch.inference_mode():
+        step()
+        _sync(device)
+        best = float("inf")
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
 
 
 def _sync(device: torch.device) -> None:
@@ -249,8 +290,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_case(case: Case, device: torch.device, warmup: int, iters: int, budget: float,
-              progress: Any) -> None:
+def prepare_case(case: Case, device: torch.device, warmup: int,
+                  progress: Any) -> Callable[[], Any] | None:
+    """Sets ``case`` up and warms it up; records its peak memory. None when it failed."""
     memory = PeakMemory(device)
     memory.start()
     try:
@@ -259,22 +301,36 @@ def _run_case(case: Case, device: torch.device, warmup: int, iters: int, budget:
             progress.set_postfix_str(f"warm-up {i + 1}/{warmup}", refresh=True)
             step()
             _sync(device)
-        started = time.perf_counter()
-        for i in range(iters):
-            progress.set_postfix_str(f"iter {i + 1}/{iters}", refresh=True)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            case.samples.append(time.perf_counter() - t0)
-            if time.perf_counter() - started > budget:
-                break
         case.peak_bytes = memory.peak()
         case.info["memory_method"] = memory.method
-    except (RuntimeError, NotImplementedError, CommandError) as error:
+        return step
+    except (RuntimeError, NotImplementedError, ValueError, CommandError) as error:
         case.error = one_line(error)[:200]
-    finally:
-        step = None  # noqa: F841  (drop the workload before the next case's memory baseline)
         gc.collect()
+        return None
+
+
+def time_interleaved(steps: dict[Case, Callable[[], Any]], device: torch.device, iters: int,
+                     budget: float, progress: Any) -> None:
+    """Times ``steps`` in rounds, one iteration of each per round (so that drift in the
+    machine's speed hits every case alike), until each has ``iters`` samples or the rounds
+    have taken ``budget`` seconds per case. Appends wall-clock seconds to ``case.samples``
+    and process CPU seconds (all threads) to ``case.info['cpu_s']``."""
+    started = time.perf_counter()
+    for i in range(iters):
+        progress.set_postfix_str(f"round {i + 1}/{iters}", refresh=True)
+        for case, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                step()
+                _sync(device)
+            except (RuntimeError, NotImplementedError, ValueError) as error:
+                case.error = one_line(error)[:200]
+                continue
+            case.samples.append(time.perf_counter() - t0)
+            case.info.setdefault("cpu_s", []).append(time.process_time() - c0)
+        if time.perf_counter() - started > budget * len(steps):
+            break
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,13 +354,13 @@ def _environment(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
         "img_size": img_size,
         "mode": "train (forward+backward+AdamW step)" if args.train else "inference",
         "channels_last": args.channels_last,
-        "compile": args.compile,
+        "paths": args.paths,
         "extension": internimage.ops.extension_available(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
-        env["cpu"] = _cpu_name()
+        env["cpu"] = cpu_name()
         env["threads"] = torch.get_num_threads()
         env["cpu_count"] = os.cpu_count()
         try:
@@ -314,7 +370,7 @@ def _environment(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
     return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -331,6 +387,26 @@ def _fmt_ms(seconds: float) -> str:
 
 def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.0f}"
+
+
+def parse_paths(value: str | None, train: bool) -> list[str]:
+    """``--paths``: a comma-separated subset of :data:`PATHS` (default: all; with ``--train``
+    'eager' and 'compiled', as the optimized model is inference-only)."""
+    if value in (None, ""):
+        return ["eager", "compiled"] if train else list(PATHS)
+    paths = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not paths:
+        raise CommandError(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, "
+                           f"got {value!r}")
+    if train and any("optimized" in p for p in paths):
+        raise CommandError("--paths: 'optimized' is inference-only (optimize_for_inference "
+                           "freezes the model); use eager or compiled with --train")
+    return list(dict.fromkeys(paths))
+
+
+def _is_internimage(name: str) -> bool:
+    return name.split(".")[0].startswith("internimage_")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -364,6 +440,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise CommandError(f"--img-size: expected an integer >= 32, got {img_size}")
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
 
+    paths = parse_paths(args.paths, args.train)
     cases: list[Case] = []
     shapes = [] if args.skip_op else dcn_stage_shapes(probe, img_size)
     for shape in shapes:
@@ -371,8 +448,11 @@ def run_bench(args: argparse.Namespace) -> int:
             cases.append(_op_case(shape, impl, args.batch_size, dtype, device, args.train))
     model_names = [args.model] + ([compare] if compare else [])
     for name in model_names:
-        cases.append(_model_case(name, args.batch_size, img_size, dtype, device, args.train,
-                                 args.channels_last, args.compile))
+        for path in paths:
+            if "optimized" in path and not _is_internimage(name):
+                continue  # the transform is this package's; baselines run eager and compiled
+            cases.append(model_case(name, path, args.batch_size, img_size, dtype, device,
+                                     args.train, args.channels_last))
 
     complexity: dict[str, dict[str, Any]] = {}
     for name in model_names:
@@ -386,10 +466,23 @@ def run_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with tqdm(total=len(cases), desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True,
               disable=args.quiet or not sys.stderr.isatty()) as progress:
-        for case in cases:
-            progress.set_description(case.label)
-            _run_case(case, device, warmup, args.iters, args.budget, progress)
-            progress.update(1)
+        # each part's cases are set up (with their memory peaks) one by one, then timed
+        # interleaved, round by round
+        for part in ("op", "model"):
+            steps = {}
+            for case in (c for c in cases if c.part == part):
+                progress.set_description(f"set up {case.label}")
+                step = prepare_case(case, device, warmup, progress)
+                if step is not None:
+                    steps[case] = step
+                progress.update(1)
+            if steps:
+                progress.set_description(f"timing {len(steps)} {part} cases")
+                time_interleaved(steps, device, args.iters, args.budget, progress)
+            steps.clear()
+            gc.collect()
+    if not args.train and dtype == torch.float32:
+        env["gemm_peak_gflops"] = round(gemm_peak_flops(device) / 1e9, 1)
     env["wall_s"] = round(time.perf_counter() - started, 1)
 
     report = _report(cases, complexity, env, args, device)
@@ -414,7 +507,6 @@ def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[
         f"{env['timm']}, {env['dtype']}, batch {env['batch_size']}, "
         f"{env['img_size']}x{env['img_size']}, {env['mode']}"
         + (", channels_last" if env["channels_last"] else "")
-        + (", torch.compile" if env["compile"] else "")
         + (f", load average {env['load_average_1min']}" if "load_average_1min" in env else ""),
         f"timing: median of up to {args.iters} iterations after warm-up (at most "
         f"{args.budget:g} s per case); memory: "
@@ -453,34 +545,66 @@ def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[
                           rows, align="llrrrrr")]
     model_cases = [c for c in cases if c.part == "model"]
     if model_cases:
-        rows = []
-        for case in model_cases:
-            info = complexity.get(case.label, {})
-            macs = info.get("macs")
-            rows.append([
-                case.label,
-                f"{info['params'] / 1e6:.2f}" if info.get("params") else "-",
-                f"{macs / 1e9:.2f}" if macs else "-",
-                _cell(case, lambda c: f"{c.batch / c.median:.1f}"),
-                _cell(case, lambda c: _fmt_ms(c.median)),
-                _cell(case, lambda c: f"{len(c.samples)}"),
-                _cell(case, lambda c: _mib(c.peak_bytes)),
-            ])
-        lines += ["", f"Models ({env['mode']})", format_table(
-            ["model", "params (M)", "GMACs", "images/s", f"latency ms (batch {args.batch_size})",
-             "iters", "peak MiB"], rows, align="lrrrrrr")]
-        if len(model_cases) == 2 and all(c.samples for c in model_cases):
-            ours, base = model_cases
-            lines.append(
-                f"{ours.label} / {base.label}: throughput {base.median / ours.median:.2f}x, "
-                f"latency {ours.median / base.median:.2f}x, peak memory "
-                f"{ours.peak_bytes / max(base.peak_bytes, 1):.2f}x"
-            )
+        lines += ["", *model_table(model_cases, complexity, env)]
     failed = [c for c in cases if c.error]
     for case in failed:
         lines.append(f"FAILED {case.label}: {case.error}")
     lines.append(f"{len(cases)} cases timed in {env['wall_s']:.1f} s")
     return "\n".join(lines)
+
+
+def _best(cases: list[Case]) -> Case | None:
+    timed = [c for c in cases if c.samples and not c.error]
+    return min(timed, key=lambda c: c.median) if timed else None
+
+
+def model_table(model_cases: list[Case], complexity: dict[str, dict[str, Any]],
+                env: dict[str, Any]) -> list[str]:
+    """The models' table (one row per model and path) and the ratios of the first model's
+    paths to the baseline's: path by path, and best against best. With ``gemm_peak_gflops``
+    in ``env``, each row's multiply-adds per second as a share of that GEMM rate."""
+    peak = env.get("gemm_peak_gflops")
+    rows = []
+    for case in model_cases:
+        info = complexity.get(case.info["model"], {})
+        macs = info.get("macs")
+        share = "-"
+        if peak and macs and case.samples and not case.error:
+            share = f"{macs * case.batch / case.median / (peak * 1e9 / 2):.2f}"
+        rows.append([
+            case.info["model"], case.info["path"],
+            f"{info['params'] / 1e6:.2f}" if info.get("params") else "-",
+            f"{macs / 1e9:.2f}" if macs else "-",
+            _cell(case, lambda c: f"{c.batch / c.median:.1f}"),
+            _cell(case, lambda c: _fmt_ms(c.median)),
+            _cell(case, lambda c: _fmt_ms(statistics.median(c.info["cpu_s"]))),
+            _cell(case, lambda c: f"{len(c.samples)}"),
+            _cell(case, lambda c: _mib(c.peak_bytes)),
+            share,
+        ])
+    batch = model_cases[0].batch
+    lines = [f"Models ({env['mode']})", format_table(
+        ["model", "path", "params (M)", "GMACs", "images/s", f"latency ms (batch {batch})",
+         "cpu ms", "iters", "peak MiB", "MAC/s ÷ GEMM peak"], rows, align="llrrrrrrrr")]
+    if peak:
+        lines.append(f"GEMM peak: {peak:.0f} GFLOP/s (float32, 4096^3, same run)")
+    names = list(dict.fromkeys(c.info["model"] for c in model_cases))
+    if len(names) == 2:
+        ours = {c.info["path"]: c for c in model_cases if c.info["model"] == names[0]}
+        base = {c.info["path"]: c for c in model_cases if c.info["model"] == names[1]}
+        ratios = []
+        for path, case in ours.items():
+            other = base.get(path)
+            if other is not None and case.samples and other.samples:
+                ratios.append(f"{path} {case.median / other.median:.2f}x")
+        best_ours, best_base = _best(list(ours.values())), _best(list(base.values()))
+        if best_ours is not None and best_base is not None:
+            ratios.append(
+                f"best ({best_ours.info['path']}) / best ({best_base.info['path']}) "
+                f"{best_ours.median / best_base.median:.2f}x")
+        if ratios:
+            lines.append(f"latency {names[0]} / {names[1]}: " + ", ".join(ratios))
+    return lines
 
 
 def _cell(case: Case | None, fmt: Callable[[Any], str]) -> str:

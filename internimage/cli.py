@@ -42,8 +42,11 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                    help="float32, bfloat16 or float16; inference casts the model, --train uses "
                         "autocast with float32 weights (default: float32)")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and input")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the models (compilation happens during warm-up)")
+    p.add_argument("--paths", default=None,
+                   help="how the models run, comma-separated: eager (as built), optimized "
+                        "(internimage.optimize_for_inference, InternImage models only), "
+                        "compiled (torch.compile; Inductor freezing for inference), "
+                        "optimized+compiled (default: all four; eager,compiled with --train)")
     p.add_argument("--train", action="store_true",
                    help="time forward+backward+AdamW step instead of inference")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")

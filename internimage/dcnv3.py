@@ -24,6 +24,8 @@ identical.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Mapping
@@ -31,19 +33,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
-from internimage import cpu_inference
 from internimage import ops as _ops
 from internimage.ops import dcnv3 as _dcnv3_op
-from internimage.ops import dcnv3_reference as _dcnv3_reference
 
 __all__ = [
     "DCNv3",
     "CORE_OPS",
     "LayerNormNCHW",
-    "BatchNormNCHW",
+    "softmax_over_points",
+    "dcnv3_core",
     "get_act_layer",
     "convert_dcnv3_state_dict",
 ]
@@ -81,117 +81,102 @@ def check_norm_layer(norm_layer: str) -> str:
 
 
 class LayerNormNCHW(nn.LayerNorm):
-    """LayerNorm over the channels of an ``(N, C, H, W)`` tensor.
+    """LayerNorm over the channels of an ``(N, C, H, W)`` tensor; returns ``(N, C, H, W)``.
 
     Normalises ``x.permute(0, 2, 3, 1)``, which is contiguous (no copy) when ``x`` is
-    channels_last in memory. Returns the NHWC result when ``out_nhwc`` is True, else its NCHW
-    view (channels_last memory). Parameter names are those of :class:`torch.nn.LayerNorm`.
+    channels_last in memory, and returns the NCHW view of the result (channels_last memory).
+    Parameter names are those of :class:`torch.nn.LayerNorm`.
     """
-
-    def __init__(
-        self, num_channels: int, eps: float = 1e-6, out_nhwc: bool = False, device=None, dtype=None
-    ) -> None:
-        super().__init__(num_channels, eps=eps, device=device, dtype=dtype)
-        self.out_nhwc = out_nhwc
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
                          self.eps)
-        return x if self.out_nhwc else x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2)
 
 
-class BatchNormNCHW(nn.BatchNorm2d):
-    """BatchNorm2d on an ``(N, C, H, W)`` tensor, optionally returning the NHWC view."""
-
-    def __init__(self, num_channels: int, out_nhwc: bool = False, device=None, dtype=None) -> None:
-        super().__init__(num_channels, device=device, dtype=dtype)
-        self.out_nhwc = out_nhwc
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            x = self._batch_norm_scripted(x)  # TorchScript cannot call super().forward
-        else:
-            x = super().forward(x)
-        return x.permute(0, 2, 3, 1) if self.out_nhwc else x
-
-    def _batch_norm_scripted(self, x: Tensor) -> Tensor:
-        """:meth:`torch.nn.BatchNorm2d.forward` written out for TorchScript: batch statistics
-        in training mode (updating the running ones when tracked, by ``momentum`` or, when
-        that is None, as a cumulative average) and in eval mode without running buffers."""
-        if x.dim() != 4:
-            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
-        momentum = self.momentum
-        factor = 0.0 if momentum is None else momentum
-        if self.training and self.track_running_stats:
-            count = self.num_batches_tracked
-            if count is not None:
-                count.add_(1)
-                if momentum is None:
-                    factor = 1.0 / float(count)
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        return F.batch_norm(
-            x, self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None, self.weight, self.bias, batch_stats,
-            factor, self.eps,
-        )
-
-
-def norm_nchw(
-    norm_layer: str, num_channels: int, out_nhwc: bool, device=None, dtype=None
-) -> nn.Module:
-    """The original's ``build_norm_layer(dim, norm_layer, 'channels_first', out)``."""
+def norm_nchw(norm_layer: str, num_channels: int, device=None, dtype=None) -> nn.Module:
+    """The original's ``build_norm_layer(dim, norm_layer, 'channels_first', ...)`` on NCHW
+    tensors: :class:`LayerNormNCHW` (eps 1e-6) for 'LN', :class:`~torch.nn.BatchNorm2d` for
+    'BN'. Both return NCHW."""
     if check_norm_layer(norm_layer) == "LN":
-        return LayerNormNCHW(num_channels, eps=1e-6, out_nhwc=out_nhwc, device=device,
-                             dtype=dtype)
-    return BatchNormNCHW(num_channels, out_nhwc=out_nhwc, device=device, dtype=dtype)
+        return LayerNormNCHW(num_channels, eps=1e-6, device=device, dtype=dtype)
+    return nn.BatchNorm2d(num_channels, device=device, dtype=dtype)
 
 
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-_KERNEL_AVAILABLE: dict[str, bool] = {}
+@torch.fx.wrap  # a leaf for torch.fx: it branches on the dtype
+def softmax_over_points(logits: Tensor, group: int, points: int) -> Tensor:
+    """Softmax over the ``points`` logits of each group: ``(..., group * points)`` ordered
+    [group][point] -> the same shape, in at least float32 (the original's softmax dtype under
+    autocast).
 
-
-@torch.compiler.assume_constant_result
-def _compiled_kernel_for(device_type: str) -> bool:
-    """Whether ``torch.ops.internimage.dcnv3`` has a kernel for ``device_type`` (cached; a
-    constant under torch.compile, so the dispatch query never enters a graph)."""
-    available = _KERNEL_AVAILABLE.get(device_type)
-    if available is None:
-        if not _ops.extension_available():
-            available = False
-        elif device_type == "meta":
-            available = True  # the fake kernel answers
-        else:
-            key = _DISPATCH_KEYS.get(device_type)
-            available = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-                "internimage::dcnv3", key
-            )
-        _KERNEL_AVAILABLE[device_type] = available
-    return available
-
-
-def _group_softmax_mask(
-    x1: Tensor, weight: Tensor, bias: Tensor, group: int, points: int
-) -> Tensor:
-    """``softmax`` over the points of each group of ``x1 @ weight.T + bias``.
-
-    ``x1`` ``(..., C)``; ``weight`` ``(group * points, C)`` ordered [group][point]. Returns
-    ``(..., group * points)`` in at least float32 (the softmax dtype).
-
-    The logits are computed transposed, ``(group, points, M)`` with ``M`` the pixels, so the
-    softmax reduces over a strided dimension with the pixels contiguous, which PyTorch's CPU
-    kernel vectorises well; PyTorch's last-dimension softmax over 9 values is several times
-    slower. One transposing copy brings the result back to ``(M, group * points)``. Same
-    arithmetic as ``F.softmax(x1 @ weight.T + bias)`` up to float rounding.
+    Written out as ``exp(x - max) / sum`` rather than ``Tensor.softmax(-1)``: PyTorch's CPU
+    softmax over a last dimension of 9 is 3x slower, and the transposed ``(points, pixels)``
+    layout that suits its kernel makes torch.compile's generated code 2x slower.
     """
-    shape = list(x1.shape)  # (..., C) -> (..., G * P), as a list for TorchScript
-    shape[-1] = group * points
-    rows = x1.reshape(-1, x1.shape[-1])
-    logits = torch.addmm(bias.unsqueeze(1), weight, rows.t())  # (G * P, M)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    mask = logits.view(group, points, -1).softmax(dim=1)
-    return mask.permute(2, 0, 1).reshape(shape)
+    by_point = logits.unflatten(-1, (group, points))
+    by_point = (by_point - by_point.amax(-1, keepdim=True)).exp()
+    return (by_point / by_point.sum(-1, keepdim=True)).flatten(-2)
+
+
+@torch.fx.wrap  # a leaf for torch.fx: its shape tests cannot run on a Proxy
+def check_nhwc_input(x: Tensor, channels: int) -> Tensor:
+    """``x`` unchanged when it is ``(N, H, W, channels)``; ValueError otherwise (an NCHW
+    tensor would otherwise fail deep inside a matrix multiply)."""
+    if x.dim() != 4 or x.shape[3] != channels:
+        raise ValueError(
+            f"DCNv3: input must be channels-last (N, H, W, C) with C = {channels}, got shape "
+            f"{list(x.shape)}" + (
+                " (an NCHW tensor? pass x.permute(0, 2, 3, 1))"
+                if x.dim() == 4 and x.shape[1] == channels else ""
+            )
+        )
+    return x
+
+
+@torch.jit.unused
+def _dcnv3_eager(
+    value: Tensor, offset: Tensor, mask: Tensor, kernel_size: int, pad: int, dilation: int,
+    group: int, group_channels: int, offset_scale: float, remove_center: bool,
+) -> Tensor:
+    if _ops._has_kernel_for(value.device):  # the op repeats the functional API's checks
+        k, p, d = kernel_size, pad, dilation
+        return torch.ops.internimage.dcnv3.default(
+            value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
+            offset_scale, remove_center,
+        )
+    return _dcnv3_op(  # warns once, then runs the reference
+        value, offset, mask, kernel_size, 1, pad, dilation, group, group_channels,
+        offset_scale, remove_center,
+    )
+
+
+@torch.fx.wrap  # a leaf for torch.fx: the kernel choice is Python control flow
+def dcnv3_core(
+    value: Tensor, offset: Tensor, mask: Tensor, kernel_size: int, pad: int, dilation: int,
+    group: int, group_channels: int, offset_scale: float, remove_center: bool,
+    reference: bool,
+) -> Tensor:
+    """The DCNv3 operator with a module's stride-1 geometry, NHWC in and out.
+
+    ``reference`` runs :func:`internimage.ops.dcnv3_reference`; otherwise the compiled op,
+    or, on a device it has no kernel for, the reference after a one-time warning (scripted
+    code calls the op, or the reference when the extension is not built).
+    """
+    k, p, d = kernel_size, pad, dilation
+    if reference:
+        return _ops._dcnv3_reference_scripted(
+            value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
+            offset_scale, remove_center,
+        )
+    if torch.jit.is_scripting():
+        return _ops._dcnv3_scripted(
+            value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
+            offset_scale, remove_center,
+        )
+    return _dcnv3_eager(value, offset, mask, k, p, d, group, group_channels, offset_scale,
+                        remove_center)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -202,7 +187,6 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-@register_notrace_module  # a leaf for torch.fx (the kernel choice is Python control flow)
 class DCNv3(nn.Module):
     """DCNv3 token mixer of InternImage (the original ``DCNv3`` / ``DCNv3_pytorch`` module).
 
@@ -210,17 +194,20 @@ class DCNv3(nn.Module):
     ``gc = C // G`` channels and ``P = kernel_size**2 - remove_center`` points per group:
 
     1. ``v = input_proj(x)``: the values to sample, ``(N, H, W, C)``;
-    2. ``x1 = act(norm(dw_conv(x)))``: depthwise conv on the block input (not on ``v``);
+    2. ``x1 = dw_act(dw_norm(dw_conv(x)))``: depthwise conv on the block input (not on
+       ``v``), computed on the NCHW view ``(N, C, H, W)`` (channels_last memory);
     3. ``offset = offset(x1)`` ``(N, H, W, G*P*2)`` ordered [group][point][x, y];
-       ``mask = softmax over the P points of each group of mask(x1)`` ``(N, H, W, G*P)``,
-       computed in at least float32 and cast to ``v``'s dtype (as the original under autocast);
-    4. ``y = dcnv3(v, offset, mask, ...)`` ``(N, H, W, C)``;
+       ``mask = softmax over the P points of each group of mask(x1)`` ``(N, H, W, G*P)``
+       (:func:`softmax_over_points`, in at least float32);
+    4. ``y = dcnv3(v, offset, mask, ...)`` ``(N, H, W, C)`` (offset and mask in ``v``'s dtype,
+       as the original under autocast);
     5. with ``center_feature_scale``: ``s = sigmoid(x1 @ Wcfs.T + bcfs)`` (one gate per group),
        ``y = y * (1 - s) + v * s``;
     6. ``output_proj(y)``.
 
+    Every step calls its submodule, so forward hooks and replaced submodules take effect.
     The module preserves the spatial size, so it needs ``stride == 1`` and
-    ``2 * pad == dilation * (kernel_size - 1)`` (the original's only working setting).
+    ``2 * pad == dilation * (kernel_size - 1)``.
 
     Args:
         channels: ``C``; must be divisible by ``group``.
@@ -235,10 +222,14 @@ class DCNv3(nn.Module):
         remove_center: drop the centre tap (odd kernels only).
         core_op: 'DCNv3' (compiled kernels, pure-PyTorch fallback when unavailable) or
             'DCNv3_pytorch' (always the pure-PyTorch reference).
+        dw_dilation: dilation of the offset branch's depthwise conv (1 in the original, whose
+            ``dilation`` applies to the core only); InternImage's dilated stages
+            (``output_stride`` 8 or 16) dilate both alike.
     """
 
-    # A TorchScript constant: the scripted module then holds only the chosen core.
-    __constants__ = ["core_op"]
+    # TorchScript constants: the scripted module holds only the chosen core and branches.
+    __constants__ = ["core_op", "kernel_size", "pad", "dilation", "group", "group_channels",
+                     "points", "remove_center"]
 
     def __init__(
         self,
@@ -255,12 +246,14 @@ class DCNv3(nn.Module):
         center_feature_scale: bool = False,
         remove_center: bool = False,
         core_op: str = "DCNv3",
+        dw_dilation: int = 1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         channels = _check_int("channels", channels, 1)
+        dw_dilation = _check_int("dw_dilation", dw_dilation, 1)
         kernel_size = _check_int("kernel_size", kernel_size, 1)
         group = _check_int("group", group, 1)
         stride = _check_int("stride", stride, 1)
@@ -288,10 +281,13 @@ class DCNv3(nn.Module):
             )
         if core_op not in CORE_OPS:
             raise ValueError(f"DCNv3: core_op must be one of {list(CORE_OPS)}, got {core_op!r}")
-        if not isinstance(offset_scale, int | float) or isinstance(offset_scale, bool):
+        if isinstance(offset_scale, bool) or not isinstance(offset_scale, numbers.Real):
             raise TypeError(
-                f"DCNv3: offset_scale must be a number, got {type(offset_scale).__name__}"
+                f"DCNv3: offset_scale must be a real number, got {type(offset_scale).__name__} "
+                f"{offset_scale!r}"
             )
+        if not math.isfinite(offset_scale):
+            raise ValueError(f"DCNv3: offset_scale must be finite, got {offset_scale!r}")
         group_channels = channels // group
         if group_channels & (group_channels - 1):
             warnings.warn(
@@ -316,16 +312,11 @@ class DCNv3(nn.Module):
 
         act = get_act_layer(act_layer)
         self.dw_conv = nn.Conv2d(
-            channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2,
-            groups=channels, **dd,
+            channels, channels, dw_kernel_size, padding=dw_dilation * (dw_kernel_size - 1) // 2,
+            dilation=dw_dilation, groups=channels, **dd,
         )
-        self.dw_norm = norm_nchw(norm_layer, channels, out_nhwc=True, **dd)
+        self.dw_norm = norm_nchw(norm_layer, channels, **dd)
         self.dw_act = act()
-        # LN + exact GELU can run as one fused CPU kernel (see internimage.cpu_inference)
-        self.fuse_offset_branch = (
-            isinstance(self.dw_norm, LayerNormNCHW)
-            and type(self.dw_act) is nn.GELU and self.dw_act.approximate == "none"
-        )
         self.offset = nn.Linear(channels, group * self.points * 2, **dd)
         self.mask = nn.Linear(channels, group * self.points, **dd)
         self.input_proj = nn.Linear(channels, channels, **dd)
@@ -367,124 +358,26 @@ class DCNv3(nn.Module):
             f"remove_center={self.remove_center}, core_op={self.core_op!r}"
         )
 
-    def offset_branch(self, x: Tensor) -> Tensor:
-        """``act(norm(dw_conv(x)))`` for an NHWC ``x``; returns NHWC ``(N, H, W, C)``."""
-        if self.fuse_offset_branch:
-            fused = cpu_inference.dwconv_layernorm_gelu(x, self.dw_conv, self.dw_norm)
-            if fused is not None:
-                return fused
-        x1 = self.dw_conv(x.permute(0, 3, 1, 2))  # channels_last view in, channels_last out
-        return self.dw_act(self.dw_norm(x1))
-
-    def offset_and_mask(self, x1: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Offsets ``(N, H, W, G*P*2)`` and per-group softmax mask ``(N, H, W, G*P)``.
-
-        The softmax runs in at least float32 and the mask is cast to ``dtype`` (the values'
-        dtype), as the original module does under autocast; see
-        :func:`_group_softmax_mask` for the CPU-friendly layout of the computation.
-        """
-        offset = cpu_inference.linear(x1, self.offset)
-        mask = _group_softmax_mask(x1, self.mask.weight, self.mask.bias, self.group,
-                                   self.points)
-        if offset.dtype != dtype:
-            offset = offset.to(dtype)
-        if mask.dtype != dtype:
-            mask = mask.to(dtype)
-        return offset, mask
-
-    def core(self, value: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
-        """The DCNv3 operator on NHWC ``value`` with this module's geometry.
-
-        'DCNv3' calls the compiled op directly when it has a kernel for the device, skipping
-        the functional wrapper's Python argument checks (the op repeats them); otherwise
-        :func:`internimage.ops.dcnv3` falls back to the reference with a warning.
-        'DCNv3_pytorch' always runs :func:`internimage.ops.dcnv3_reference`.
-        """
-        if self.core_op == "DCNv3" and _compiled_kernel_for(value.device.type):
-            k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
-            return torch.ops.internimage.dcnv3.default(
-                value, offset, mask, [k, k], [s, s], [p, p], [d, d], self.group,
-                self.group_channels, self.offset_scale, self.remove_center,
-            )
-        op = _dcnv3_reference if self.core_op == "DCNv3_pytorch" else _dcnv3_op
-        return op(
-            value, offset, mask, self.kernel_size, self.stride, self.pad, self.dilation,
-            self.group, self.group_channels, self.offset_scale, self.remove_center,
-        )
-
-    @torch.jit.unused
-    def fused_kernels_apply(self) -> bool:
-        """Whether :meth:`forward_cpu_inference` can run this module: the compiled core
-        ('DCNv3') and an offset branch the fused kernel covers (LN + exact GELU)."""
-        return (
-            self.core_op == "DCNv3" and self.fuse_offset_branch
-            and cpu_inference.offset_branch_fusable(self.dw_conv, self.dw_norm)
-        )
-
-    @torch.jit.unused
-    def forward_cpu_inference(self, x: Tensor) -> Tensor:
-        """:meth:`forward` in float32 CPU inference with the fused kernels called directly:
-        the caller has checked ``cpu_inference.fused_cpu_inference(x)`` and
-        :meth:`fused_kernels_apply`. ``(N, H, W, C)`` -> ``(N, H, W, C)``."""
-        value = cpu_inference.onednn_linear(x, self.input_proj)
-        x1 = cpu_inference.offset_branch_core(x, self.dw_conv, self.dw_norm)
-        y = cpu_inference.mask_logits_core(value, x1, self)
-        if self.center_feature_scale_proj_weight is not None:
-            y = self._centre_feature_scale(y, value, x1)
-        return cpu_inference.onednn_linear(y, self.output_proj)
-
-    def _centre_feature_scale(self, y: Tensor, value: Tensor, x1: Tensor) -> Tensor:
-        """Blends the core's output ``y`` with ``value`` by one sigmoid gate per group."""
-        scale = torch.sigmoid(
-            F.linear(x1, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias)
-        ).unsqueeze(-1)  # (N, H, W, G, 1)
-        groups = (self.group, self.group_channels)
-        y = y.unflatten(-1, groups) * (1 - scale) + value.unflatten(-1, groups) * scale
-        return y.flatten(-2)
-
     def forward(self, x: Tensor) -> Tensor:
         """``(N, H, W, C)`` -> ``(N, H, W, C)``, channels-last in and out."""
-        if torch.jit.is_scripting():
-            return self._forward_scripted(x)
-        if cpu_inference.fused_cpu_inference(x) and self.fused_kernels_apply():
-            return self.forward_cpu_inference(x)
-        value = cpu_inference.linear(x, self.input_proj)
-        x1 = self.offset_branch(x)
-        # float32 CPU inference: offsets, mask softmax and core in one call (cpu_inference)
-        y = cpu_inference.dcnv3_mask_logits(value, x1, self) if self.core_op == "DCNv3" else None
-        if y is None:
-            offset, mask = self.offset_and_mask(x1, value.dtype)
-            y = self.core(value, offset, mask)
+        # Every tensor read by several ops is an NCHW view (x_nchw, x1): torch.compile's
+        # layout optimisation gives such 4-D tensors channels_last strides, which keep an NCHW
+        # view's memory NHWC but would scatter an NHWC tensor's.
+        x_nchw = check_nhwc_input(x, self.channels).permute(0, 3, 1, 2)
+        value = self.input_proj(x_nchw.permute(0, 2, 3, 1))
+        x1 = self.dw_act(self.dw_norm(self.dw_conv(x_nchw)))  # (N, C, H, W)
+        offset = self.offset(x1.permute(0, 2, 3, 1))
+        mask = softmax_over_points(self.mask(x1.permute(0, 2, 3, 1)), self.group, self.points)
+        y = dcnv3_core(
+            value, offset.to(value.dtype), mask.to(value.dtype), self.kernel_size, self.pad,
+            self.dilation, self.group, self.group_channels, self.offset_scale,
+            self.remove_center, self.core_op == "DCNv3_pytorch",
+        )
         if self.center_feature_scale_proj_weight is not None:
-            y = self._centre_feature_scale(y, value, x1)
-        return cpu_inference.linear(y, self.output_proj)
-
-    def _forward_scripted(self, x: Tensor) -> Tensor:
-        """:meth:`forward` as TorchScript compiles it: the same arithmetic through the plain
-        modules, without the eager-only fused CPU kernels and kernel query. 'DCNv3' calls
-        ``torch.ops.internimage.dcnv3``, which must have a kernel for the device (the
-        reference only when the extension is not built: ``ops._dcnv3_scripted``)."""
-        value = self.input_proj(x)
-        x1 = self.dw_act(self.dw_norm(self.dw_conv(x.permute(0, 3, 1, 2))))
-        offset = self.offset(x1).to(value.dtype)
-        mask = _group_softmax_mask(x1, self.mask.weight, self.mask.bias, self.group,
-                                   self.points).to(value.dtype)
-        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
-        if self.core_op == "DCNv3":
-            y = _ops._dcnv3_scripted(
-                value, offset, mask, [k, k], [s, s], [p, p], [d, d], self.group,
-                self.group_channels, self.offset_scale, self.remove_center,
-            )
-        else:
-            y = _ops._dcnv3_reference_scripted(
-                value, offset, mask, [k, k], [s, s], [p, p], [d, d], self.group,
-                self.group_channels, self.offset_scale, self.remove_center,
-            )
-        if self.center_feature_scale_proj_weight is not None:
-            scale = torch.sigmoid(
-                F.linear(x1, self.center_feature_scale_proj_weight,
-                         self.center_feature_scale_proj_bias)
-            ).unsqueeze(-1)
+            scale = torch.sigmoid(F.linear(
+                x1.permute(0, 2, 3, 1), self.center_feature_scale_proj_weight,
+                self.center_feature_scale_proj_bias,
+            )).unsqueeze(-1)  # (N, H, W, G, 1)
             groups = [self.group, self.group_channels]
             y = y.unflatten(-1, groups) * (1 - scale) + value.unflatten(-1, groups) * scale
             y = y.flatten(-2)

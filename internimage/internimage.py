@@ -34,12 +34,10 @@ from importlib import resources
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
     SelectAdaptivePool2d,
-    register_notrace_module,
     trunc_normal_,
 )
 from timm.models import (
@@ -52,11 +50,10 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import Tensor, nn
 
-from internimage import cpu_inference
-from internimage.cpu_inference import PackedWeightConv2d
 from internimage.dcnv3 import (
     CORE_OPS,
     DCNv3,
+    LayerNormNCHW,
     check_norm_layer,
     get_act_layer,
     norm_nchw,
@@ -104,7 +101,19 @@ SPATIAL_FEATURES = 3
 # Layers
 
 
-class InternImageStem(nn.Module):
+class _StaysEvalWhenFrozen(nn.Module):
+    """A part of the model that :meth:`InternImage.freeze_stages` can freeze: once
+    ``frozen``, ``train()`` leaves it in eval mode (as the original's det/seg backbones
+    re-apply after every ``train()``), also when a wrapper such as timm's feature extractor
+    calls ``train()`` on it directly."""
+
+    frozen = False
+
+    def train(self, mode: bool = True) -> nn.Module:
+        return super().train(mode and not self.frozen)
+
+
+class InternImageStem(_StaysEvalWhenFrozen):
     """Stem: conv 3x3/2 (C/2) -> norm -> act -> conv 3x3/2 (C) -> norm -> dropout.
 
     Input ``(N, in_chans, H, W)`` NCHW (any memory format); output ``(N, C, ceil(H/4),
@@ -124,11 +133,11 @@ class InternImageStem(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv1 = PackedWeightConv2d(in_chans, out_chs // 2, 3, stride=2, padding=1, **dd)
-        self.norm1 = norm_nchw(norm_layer, out_chs // 2, out_nhwc=False, **dd)
+        self.conv1 = nn.Conv2d(in_chans, out_chs // 2, 3, stride=2, padding=1, **dd)
+        self.norm1 = norm_nchw(norm_layer, out_chs // 2, **dd)
         self.act = get_act_layer(act_layer)()
-        self.conv2 = PackedWeightConv2d(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
-        self.norm2 = norm_nchw(norm_layer, out_chs, out_nhwc=False, **dd)
+        self.conv2 = nn.Conv2d(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
+        self.norm2 = norm_nchw(norm_layer, out_chs, **dd)
         self.drop = nn.Dropout(drop_rate)  # the original's ``pos_drop``
 
     def forward(self, x: Tensor) -> Tensor:
@@ -139,24 +148,27 @@ class InternImageStem(nn.Module):
 
 
 class InternImageDownsample(nn.Module):
-    """Conv 3x3/2 without bias (C -> 2C) then norm; NCHW in, NHWC ``(N, H/2, W/2, 2C)`` out."""
+    """Conv 3x3/2 without bias (C -> 2C) then norm: ``(N, C, H, W)`` -> ``(N, 2C, H/2, W/2)``,
+    NCHW with channels_last memory. In a dilated stage (``output_stride`` 8 or 16) the conv
+    keeps the resolution (``stride=1``) and is dilated like the stage before it."""
 
     def __init__(
-        self, in_chs: int, out_chs: int, norm_layer: str = "LN", device=None, dtype=None
+        self, in_chs: int, out_chs: int, norm_layer: str = "LN", stride: int = 2,
+        dilation: int = 1, device=None, dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.conv = PackedWeightConv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False, **dd)
-        self.norm = norm_nchw(norm_layer, out_chs, out_nhwc=True, **dd)
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=dilation,
+                              dilation=dilation, bias=False, **dd)
+        self.norm = norm_nchw(norm_layer, out_chs, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x))
 
 
 class InternImageMlp(nn.Module):
-    """fc1 -> act -> dropout -> fc2 -> dropout on the last dimension (the original MLPLayer).
-
-    Dropout modules are only called when ``drop > 0`` (fewer Python calls per block)."""
+    """fc1 -> act -> dropout -> fc2 -> dropout on the last dimension (the original MLPLayer):
+    ``(..., dim)`` -> ``(..., dim)``."""
 
     def __init__(
         self,
@@ -171,51 +183,19 @@ class InternImageMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.act = get_act_layer(act_layer)()
         self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
-        self.drop = nn.Dropout(drop) if drop > 0 else None
-        # exact GELU can run fused into fc1 (see internimage.cpu_inference)
-        self.fuse_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., dim)`` -> ``(..., dim)``."""
-        if torch.jit.is_scripting():
-            return self._forward_scripted(x)
-        if self.fuse_gelu:
-            x = cpu_inference.linear(x, self.fc1, gelu=True)
-        else:
-            x = self.act(self.fc1(x))
-        if self.drop is not None:
-            x = self.drop(x)
-        x = cpu_inference.linear(x, self.fc2)
-        if self.drop is not None:
-            x = self.drop(x)
-        return x
-
-    def _forward_scripted(self, x: Tensor) -> Tensor:
-        """:meth:`forward` through the plain modules (the fused CPU kernels are eager-only)."""
-        x = self.act(self.fc1(x))
-        if self.drop is not None:
-            x = self.drop(x)
-        x = self.fc2(x)
-        if self.drop is not None:
-            x = self.drop(x)
-        return x
-
-
-# LayerNorms of an InternImageBlock by mode: before and after the DCNv3 mixer, then before and
-# after the MLP (see the class docstring).
-_NORMS_AROUND_BRANCHES = {
-    "pre_norm": ("norm1", None, "norm2", None),
-    "ls_pre_norm": ("norm1", None, "norm2", None),
-    "post_norm": (None, "norm1", None, "norm2"),
-    "ls_post_norm": (None, "norm1", None, "norm2"),
-    "res_post_norm": ("norm1", "res_post_norm1", "norm2", "res_post_norm2"),
-}
+        x = self.drop(self.act(self.fc1(x)))
+        return self.drop(self.fc2(x))
 
 
 class InternImageBlock(nn.Module):
-    """InternImage layer: DCNv3 token mixer and MLP, each with a residual (NHWC in and out).
+    """InternImage layer: DCNv3 token mixer and MLP, each with a residual.
 
-    Residual branches, in the original's order of precedence:
+    Input and output ``(N, C, H, W)`` NCHW with channels_last memory; the mixer and the MLP
+    (and the norms around them) run on the channels-last view ``(N, H, W, C)``, as in the
+    original. Residual branches, in the original's order of precedence:
 
     * ``layer_scale`` set: ``x + dp(gamma1 * norm1(dcn(x)))`` with ``post_norm``, else
       ``x + dp(gamma1 * dcn(norm1(x)))`` (``res_post_norm`` is then ignored, as in the
@@ -225,6 +205,8 @@ class InternImageBlock(nn.Module):
     * otherwise: ``x + dp(dcn(norm1(x)))``;
 
     and the same pattern for the MLP with ``norm2`` / ``gamma2`` / ``res_post_norm2``.
+    ``dilation`` dilates the DCNv3 sampling grid and its offset branch's depthwise conv (the
+    dilated stages of ``output_stride`` 8 and 16; 1 in the original).
     """
 
     # A TorchScript constant: the scripted block then holds only its own mode's branch.
@@ -247,6 +229,7 @@ class InternImageBlock(nn.Module):
         center_feature_scale: bool = False,
         remove_center: bool = False,
         core_op: str = "DCNv3",
+        dilation: int = 1,
         device=None,
         dtype=None,
     ) -> None:
@@ -254,10 +237,10 @@ class InternImageBlock(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
         self.dcn = DCNv3(
-            channels=dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=1,
-            dilation=1, group=group, offset_scale=offset_scale, act_layer=act_layer,
+            channels=dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=dilation,
+            dilation=dilation, group=group, offset_scale=offset_scale, act_layer=act_layer,
             norm_layer=norm_layer, center_feature_scale=center_feature_scale,
-            remove_center=remove_center, core_op=core_op, **dd,
+            remove_center=remove_center, core_op=core_op, dw_dilation=dilation, **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
@@ -285,6 +268,7 @@ class InternImageBlock(nn.Module):
             self.mode = "pre_norm"
 
     def _mixer(self, x: Tensor) -> Tensor:
+        """The mixer's residual branch on NHWC ``x``."""
         mode = self.mode
         if mode == "pre_norm":
             return self.dcn(self.norm1(x))
@@ -302,6 +286,7 @@ class InternImageBlock(nn.Module):
         raise RuntimeError("InternImageBlock: unknown mode " + mode)
 
     def _ffn(self, x: Tensor) -> Tensor:
+        """The MLP's residual branch on NHWC ``x``."""
         mode = self.mode
         if mode == "pre_norm":
             return self.mlp(self.norm2(x))
@@ -317,53 +302,18 @@ class InternImageBlock(nn.Module):
         raise RuntimeError("InternImageBlock: unknown mode " + mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(N, H, W, C)`` -> ``(N, H, W, C)``."""
-        if not torch.jit.is_scripting():  # TorchScript skips this block
-            if (
-                not self.training and cpu_inference.fused_cpu_inference(x)
-                and self.dcn.fused_kernels_apply() and self.mlp.fuse_gelu
-            ):
-                y = self._forward_cpu_inference(x)
-                if y is not None:
-                    return y
-        if isinstance(self.drop_path, nn.Identity):
-            x = x + self._mixer(x)
-            return x + self._ffn(x)
-        x = x + self.drop_path(self._mixer(x))
-        return x + self.drop_path(self._ffn(x))
-
-    @torch.jit.unused
-    def _forward_cpu_inference(self, x: Tensor) -> Tensor | None:
-        """:meth:`forward` in eval-mode float32 CPU inference as one compiled call,
-        ``internimage::_block_cpu_inference`` (the arithmetic of :meth:`_mixer` / :meth:`_ffn`
-        without dropout or drop path, through the fused kernels), or None when this block
-        does not fit it. The mode becomes which LayerNorms run before and after each
-        branch."""
-        norms: list[Tensor | None] = []
-        norm_eps: list[float] = []
-        attr = cpu_inference.fast_getattr
-        for name in _NORMS_AROUND_BRANCHES[self.mode]:
-            norm = attr(self, name) if name is not None else None
-            if norm is None:
-                norms += (None, None)
-                norm_eps.append(0.0)
-            elif isinstance(norm, nn.LayerNorm) and attr(norm, "weight") is not None:
-                norms += (attr(norm, "weight"), attr(norm, "bias"))
-                norm_eps.append(norm.eps)
-            else:
-                return None
-        return cpu_inference.block_cpu_inference(
-            x, norms, norm_eps, attr(self, "gamma1"), attr(self, "gamma2"), attr(self, "dcn"),
-            attr(self, "mlp"),
-        )
+        """``(N, C, H, W)`` -> ``(N, C, H, W)``."""
+        # The residual sums stay NCHW views (see DCNv3.forward on torch.compile's layouts).
+        x = x + self.drop_path(self._mixer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return x + self.drop_path(self._ffn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
-class InternImageStage(nn.Module):
+class InternImageStage(_StaysEvalWhenFrozen):
     """One stage: optional downsample, blocks, optional post norms and level norm.
 
-    Input ``(N, C_in, H, W)`` NCHW (channels_last memory); output ``(N, C, H', W')`` NCHW,
-    a free view of the NHWC activations. ``post_norm_block_ids[k]`` names the block after
-    which ``post_norms[k]`` is applied (InternImage-H/G level 2).
+    Input ``(N, C_in, H, W)`` NCHW (channels_last memory); output ``(N, C, H', W')`` NCHW with
+    channels_last memory. ``post_norm_block_ids[k]`` names the block after which
+    ``post_norms[k]`` is applied (InternImage-H/G level 2).
     """
 
     def __init__(
@@ -377,6 +327,9 @@ class InternImageStage(nn.Module):
         level_norm: bool,
         post_norm_block_ids: Sequence[int] | None = None,
         norm_layer: str = "LN",
+        downsample_stride: int = 2,
+        downsample_dilation: int = 1,
+        dilation: int = 1,
         device=None,
         dtype=None,
         **block_kwargs: Any,
@@ -385,12 +338,13 @@ class InternImageStage(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.grad_checkpointing = False
         self.downsample = (
-            InternImageDownsample(in_chs, out_chs, norm_layer=norm_layer, **dd)
-            if downsample else None
+            InternImageDownsample(in_chs, out_chs, norm_layer=norm_layer,
+                                  stride=downsample_stride, dilation=downsample_dilation, **dd)
+            if downsample else nn.Identity()
         )
         self.blocks = nn.Sequential(*[
             InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], norm_layer=norm_layer,
-                             **block_kwargs, **dd)
+                             dilation=dilation, **block_kwargs, **dd)
             for i in range(depth)
         ])
         if post_norm_block_ids:
@@ -403,47 +357,25 @@ class InternImageStage(nn.Module):
                 )
             self.post_norm_block_ids = ids
             self.post_norms = nn.ModuleList(
-                [nn.LayerNorm(out_chs, eps=LN_EPS, **dd) for _ in ids]
+                [LayerNormNCHW(out_chs, eps=LN_EPS, **dd) for _ in ids]
             )
         else:
             self.post_norm_block_ids = []
-            self.post_norms = None
-        self.norm = nn.LayerNorm(out_chs, eps=LN_EPS, **dd) if level_norm else nn.Identity()
+            self.post_norms = nn.ModuleList()
+        self.norm = LayerNormNCHW(out_chs, eps=LN_EPS, **dd) if level_norm else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        else:
-            x = x.permute(0, 2, 3, 1)
-        if torch.jit.is_scripting():
-            x = self._blocks_scripted(x)
-        else:
-            use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-            if not self.post_norm_block_ids and not use_checkpoint:
-                x = self.blocks(x)
-            else:
-                for i, block in enumerate(self.blocks):
-                    x = checkpoint(block, x) if use_checkpoint else block(x)
-                    if i in self.post_norm_block_ids:
-                        x = self.post_norms[self.post_norm_block_ids.index(i)](x)
-        x = self.norm(x)
-        return x.permute(0, 3, 1, 2)
-
-    def _blocks_scripted(self, x: Tensor) -> Tensor:
-        """The blocks and post norms as TorchScript runs them: no gradient checkpointing, and
-        the post norm is found by a loop (TorchScript indexes a ModuleList by constants only)."""
-        post_norms = self.post_norms
-        if post_norms is None:
-            return self.blocks(x)
-        ids = self.post_norm_block_ids
+        x = self.downsample(x)
         for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in ids:
-                k = ids.index(i)
-                for j, norm in enumerate(post_norms):
-                    if j == k:
-                        x = norm(x)
-        return x
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            # a loop rather than an index: TorchScript indexes a ModuleList by constants only
+            for k, norm in enumerate(self.post_norms):
+                if self.post_norm_block_ids[k] == i:
+                    x = norm(x)
+        return self.norm(x)
 
 
 class ConvClassifierHead(nn.Module):
@@ -468,7 +400,7 @@ class ConvClassifierHead(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.in_features = in_chs
-        self.conv = PackedWeightConv2d(in_chs, hidden_size, 1, bias=False, **dd)
+        self.conv = nn.Conv2d(in_chs, hidden_size, 1, bias=False, **dd)
         self.norm = nn.BatchNorm2d(hidden_size, **dd)
         self.act = get_act_layer(act_layer)()
         self.num_features = hidden_size
@@ -506,7 +438,18 @@ class ConvClassifierHead(nn.Module):
         return self.fc(x)
 
 
-@register_notrace_module  # a leaf for torch.fx (it checks the two map sizes)
+@torch.fx.wrap  # a leaf for torch.fx: its shape test cannot run on a Proxy
+def _check_fusion_sizes(up: Tensor, x3: Tensor) -> Tensor:
+    """``up`` unchanged when its spatial size matches ``x3``'s; ValueError otherwise."""
+    if up.shape[-2:] != x3.shape[-2:]:
+        raise ValueError(
+            "InternImage clip head: the upsampled stage-4 map must match the stage-3 map, "
+            f"got ({up.shape[-2]}, {up.shape[-1]}) and ({x3.shape[-2]}, {x3.shape[-1]}); "
+            "use input sides divisible by 32"
+        )
+    return up
+
+
 class ClipFusion(nn.Module):
     """H/G feature fusion: ``shuffle(proj_x4(stage 4)) + proj_x3(stage 3)``.
 
@@ -532,13 +475,7 @@ class ClipFusion(nn.Module):
         self.proj_x3 = nn.Conv2d(in_chs_x3, embed_dim, 1, **dd)
 
     def forward(self, x3: Tensor, x4: Tensor) -> Tensor:
-        up = self.shuffle(self.proj_x4(x4))
-        if up.shape[-2:] != x3.shape[-2:]:
-            raise ValueError(
-                "InternImage clip head: the upsampled stage-4 map must match the stage-3 map, "
-                f"got ({up.shape[-2]}, {up.shape[-1]}) and ({x3.shape[-2]}, {x3.shape[-1]}); "
-                "use input sides divisible by 32"
-            )
+        up = _check_fusion_sizes(self.shuffle(self.proj_x4(x4)), x3)
         return up + self.proj_x3(x3)
 
 
@@ -577,16 +514,15 @@ class AttentionPool(nn.Module):
         self.proj = nn.Linear(dim, out_dim, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, length, dim = x.shape
-        heads, head_dim = self.num_heads, self.head_dim
-        q = F.linear(self.norm_q(x.mean(1, keepdim=True)), self.q.weight, self.q_bias)
-        k = F.linear(self.norm_k(x), self.k.weight, self.k_bias)
-        v = F.linear(self.norm_v(x), self.v.weight, self.v_bias)
-        q = q.view(n, 1, heads, head_dim).transpose(1, 2) * self.scale
-        k = k.view(n, length, heads, head_dim).transpose(1, 2)
-        v = v.view(n, length, heads, head_dim).transpose(1, 2)
+        heads = [self.num_heads, self.head_dim]
+        q = self.q(self.norm_q(x.mean(1, keepdim=True))) + self.q_bias
+        k = self.k(self.norm_k(x)) + self.k_bias
+        v = self.v(self.norm_v(x)) + self.v_bias
+        q = q.unflatten(-1, heads).transpose(1, 2) * self.scale  # (N, heads, 1, head_dim)
+        k = k.unflatten(-1, heads).transpose(1, 2)  # (N, heads, L, head_dim)
+        v = v.unflatten(-1, heads).transpose(1, 2)
         attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (N, heads, 1, L)
-        out = (attn @ v).transpose(1, 2).reshape(n, dim)
+        out = (attn @ v).flatten(1)  # (N, dim): heads then head_dim, the 1 dimension dropped
         return self.proj(out)
 
 
@@ -942,8 +878,12 @@ class InternImage(nn.Module):
 
     timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
     the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
-    ``device``, ``dtype``. Unknown keywords are ignored with a warning (the original ignores
-    them silently).
+    ``output_stride`` (32, or 16 / 8 for dense prediction: the later stages keep the
+    resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
+    branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
+    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``frozen_stages`` (the
+    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``.
+    Unknown keywords are ignored with a warning (the original ignores them silently).
 
     Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
     ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
@@ -985,6 +925,8 @@ class InternImage(nn.Module):
         meta_dim: int | None = None,
         in_chans: int = 3,
         global_pool: str | None = None,
+        output_stride: int = 32,
+        frozen_stages: int = -1,
         head_drop_rate: float = 0.0,
         device=None,
         dtype=None,
@@ -1000,6 +942,9 @@ class InternImage(nn.Module):
         num_levels = len(depths)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if (isinstance(output_stride, bool) or not isinstance(output_stride, int)
+                or output_stride not in (8, 16, 32)):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         if drop_path_type not in ("linear", "uniform"):
             raise ValueError(
                 f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}"
@@ -1027,6 +972,7 @@ class InternImage(nn.Module):
         self.depths = depths
         self.use_clip_projector = use_clip_projector
         self.meta_dim = meta_dim
+        self.output_stride = output_stride
         self.level2_post_norm_block_ids = (
             list(level2_post_norm_block_ids) if level2_post_norm_block_ids is not None else None
         )
@@ -1044,8 +990,17 @@ class InternImage(nn.Module):
         stages = []
         self.feature_info = []
         in_chs = channels
+        reduction, dilation = 4, 1
         for i in range(num_levels):
             out_chs = channels * 2**i
+            # Past output_stride a stage keeps its input's resolution and dilates instead:
+            # its downsampling conv as much as the stage before, its blocks twice as much.
+            downsample_stride, downsample_dilation = 2, 1
+            if i > 0 and reduction >= output_stride:
+                downsample_stride, downsample_dilation = 1, dilation
+                dilation *= 2
+            elif i > 0:
+                reduction *= 2
             stages.append(InternImageStage(
                 in_chs, out_chs, depths[i], groups[i], downsample=i > 0,
                 drop_path_rates=dpr[sum(depths[:i]):sum(depths[:i + 1])],
@@ -1057,10 +1012,12 @@ class InternImage(nn.Module):
                 act_layer=act_layer, post_norm=post_norm, layer_scale=layer_scale,
                 offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
                 res_post_norm=res_post_norm, center_feature_scale=center_feature_scale,
-                remove_center=remove_center, core_op=core_op, **dd,
+                remove_center=remove_center, core_op=core_op,
+                downsample_stride=downsample_stride, downsample_dilation=downsample_dilation,
+                dilation=dilation, **dd,
             ))
             self.feature_info.append(
-                dict(num_chs=out_chs, reduction=4 * 2**i, module=f"stages.{i}")
+                dict(num_chs=out_chs, reduction=reduction, module=f"stages.{i}")
             )
             in_chs = out_chs
         self.stages = nn.Sequential(*stages)
@@ -1092,6 +1049,7 @@ class InternImage(nn.Module):
                 module.reset_parameters()
         if with_cp:
             self.set_grad_checkpointing(True)
+        self.freeze_stages(frozen_stages)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -1128,6 +1086,29 @@ class InternImage(nn.Module):
                 )
         blocks.append((r"^stages\.(\d+)\.norm\.", (99999,)))
         return dict(stem=r"^stem", blocks=blocks)
+
+    @torch.jit.ignore
+    def freeze_stages(self, num_stages: int) -> None:
+        """Freezes the stem and the first ``num_stages`` stages, unfreezes the rest (the det/seg
+        backbones' ``frozen_stages``; -1 or 0 freezes nothing).
+
+        Frozen parts get ``requires_grad=False`` and stay in eval mode through later
+        ``train()`` calls, as in the original. One deliberate difference: the original never
+        freezes the stem (``patch_embed``), so with frozen stages the stem kept training on
+        gradients that had to flow back through every frozen stage, which then saved no
+        backward compute. Here ``num_stages >= 1`` freezes the stem too, as frozen_stages does
+        for mmdet's ResNet (whose stage 0 is its stem). The released det/seg configs freeze
+        nothing, so their results are unaffected.
+        """
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not (
+                -1 <= num_stages <= len(self.stages)):
+            raise ValueError(
+                f"num_stages must be an int in [-1, {len(self.stages)}], got {num_stages!r}")
+        for index, part in enumerate([self.stem, *self.stages]):
+            frozen = num_stages > 0 and index <= num_stages
+            part.frozen = frozen
+            part.requires_grad_(not frozen)
+            part.train(self.training)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -770,13 +770,14 @@ if _EXTENSION_ERROR is None:
     )
 
     # Internal forward-only ops of the fused float32 CPU inference path
-    # (internimage.cpu_inference): shapes for torch.compile / meta tensors.
+    # (internimage.inference): shapes, so that torch.compile can trace a model after
+    # optimize_for_inference.
 
     @torch.library.register_fake("internimage::_dwconv_layernorm_gelu")
     def _dwconv_layernorm_gelu_fake(input, conv_weight, conv_bias, norm_weight, norm_bias, eps):
         if input.dim() != 4:
             raise ValueError(
-                f"dwconv_layernorm_gelu: input must be 4-D (N, H, W, C), got {input.dim()}-D"
+                f"_dwconv_layernorm_gelu: input must be 4-D (N, H, W, C), got {input.dim()}-D"
             )
         return input.new_empty(input.shape)
 
@@ -786,19 +787,8 @@ if _EXTENSION_ERROR is None:
         group_channels, offset_scale, remove_center,
     ):
         if input.dtype != torch.float32:
-            raise ValueError(f"dcnv3_mask_logits: input must be float32, got {input.dtype}")
+            raise ValueError(f"_dcnv3_mask_logits: input must be float32, got {input.dtype}")
         return _dcnv3_fake(
             input, offset, mask_logits, kernel_size, stride, padding, dilation, group,
             group_channels, offset_scale, remove_center,
         )
-
-    @torch.library.register_fake("internimage::_block_cpu_inference")
-    def _block_cpu_inference_fake(
-        x, norms, norm_eps, gamma1, gamma2, dcn, branch_eps, geometry, offset_scale, mlp
-    ):
-        if x.dim() != 4 or x.dtype != torch.float32:
-            raise ValueError(
-                "block_cpu_inference: x must be a 4-D (N, H, W, C) float32 tensor, got "
-                f"{x.dim()}-D {x.dtype}"
-            )
-        return torch.empty_like(x)

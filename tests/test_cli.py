@@ -143,15 +143,19 @@ def test_models_unknown_filter(capsys: pytest.CaptureFixture) -> None:
 def test_bench_small_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
     code, stdout, err = run(["bench", "--batch-size", "1", "--img-size", "32", "--iters", "2",
-                             "--warmup", "1", "--budget", "2", "--quiet", "--json", str(out)],
-                            capsys)
+                             "--warmup", "1", "--budget", "2", "--quiet", "--json", str(out),
+                             "--paths", "eager,optimized"], capsys)
     assert code == 0, stdout + err
     assert "DCNv3 op (forward)" in stdout and "compiled ms" in stdout
-    assert "| internimage_t" in stdout and "| convnext_tiny" in stdout
-    assert "internimage_t / convnext_tiny: throughput" in stdout
+    assert "| internimage_t | eager" in stdout and "| internimage_t | optimized" in stdout
+    assert "| convnext_tiny | eager" in stdout and "convnext_tiny | optimized" not in stdout
+    assert "latency internimage_t / convnext_tiny: eager " in stdout
+    assert "best (" in stdout and "GEMM peak:" in stdout
     payload = json.loads(out.read_text())
     cases = payload["cases"]
     assert len([c for c in cases if c["part"] == "op"]) == 8  # 4 stages x 2 paths
+    assert [(c["model"], c["path"]) for c in cases if c["part"] == "model"] == [
+        ("internimage_t", "eager"), ("internimage_t", "optimized"), ("convnext_tiny", "eager")]
     assert all(c["error"] is None and c["median_s"] > 0 for c in cases)
     op0 = next(c for c in cases if c["part"] == "op")
     assert op0["input_shape"] == [1, 8, 8, 64] and op0["group"] == 4
@@ -162,7 +166,7 @@ def test_bench_train_mode(capsys: pytest.CaptureFixture) -> None:
     code, stdout, err = run(["bench", "--train", "--skip-op", "--compare", "none",
                              "--batch-size", "2", "--img-size", "32", "--iters", "1",
                              "--warmup", "0", "--dtype", "bfloat16", "--channels-last",
-                             "--quiet"], capsys)
+                             "--paths", "eager", "--quiet"], capsys)
     assert code == 0, stdout + err
     assert "train (forward+backward+AdamW step)" in stdout
     assert "DCNv3 op" not in stdout and "convnext" not in stdout
@@ -173,6 +177,8 @@ def test_bench_train_mode(capsys: pytest.CaptureFixture) -> None:
     (["--model", "nonexistent_net"], "unknown model"),
     (["--compare", "nonexistent_net"], "--compare"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--paths", "eager,fast"], "--paths"),
+    (["--paths", "optimized", "--train"], "--paths"),
 ])
 def test_bench_bad_arguments(capsys: pytest.CaptureFixture, args: list[str], needle: str) -> None:
     code, _, err = run(["bench", "--quiet"] + args, capsys)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import load_golden
 
 from internimage import DCNv3
-from internimage.dcnv3 import convert_dcnv3_state_dict
+from internimage.dcnv3 import convert_dcnv3_state_dict, softmax_over_points
 
 CORE_OPS = ("DCNv3", "DCNv3_pytorch")
 
@@ -35,20 +35,43 @@ def test_golden_float64_output_and_grad(golden: dict, core_op: str) -> None:
     torch.testing.assert_close(x.grad, golden["grad_input"], rtol=0, atol=1e-10)
 
 
+def run_and_capture(module: DCNv3, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``module(x)`` and its intermediates, read by forward hooks on its submodules:
+    value (input_proj), x1 (dw_act, NHWC), offset, mask logits, and the input of output_proj
+    (the core output, blended by the centre-feature gate when the module has one)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, nchw: bool = False):
+        def hook(mod, args, out):
+            seen[name] = out.permute(0, 2, 3, 1) if nchw else out
+        return hook
+
+    handles = [
+        module.input_proj.register_forward_hook(keep("x_proj")),
+        module.dw_act.register_forward_hook(keep("x1", nchw=True)),
+        module.offset.register_forward_hook(keep("offset")),
+        module.mask.register_forward_hook(keep("mask_logits")),
+        module.output_proj.register_forward_pre_hook(
+            lambda mod, args: seen.__setitem__("core_out", args[0])),
+    ]
+    try:
+        out = module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen["mask"] = softmax_over_points(seen["mask_logits"], module.group, module.points)
+    return out, seen
+
+
 @pytest.mark.parametrize("core_op", CORE_OPS)
 def test_golden_float64_intermediates(golden: dict, core_op: str) -> None:
     module = build_from_golden(golden, core_op, torch.float64)
     inter = golden["intermediates"]
-    x = golden["input"]
-    with torch.no_grad():
-        value = module.input_proj(x)
-        x1 = module.offset_branch(x)
-        offset, mask = module.offset_and_mask(x1, value.dtype)
-        core = module.core(value, offset, mask)
-        mask_logits = module.mask(x1)
-    for name, ours in (("x_proj", value), ("x1", x1), ("offset", offset),
-                       ("mask_logits", mask_logits), ("mask", mask), ("core_out", core)):
-        torch.testing.assert_close(ours, inter[name], rtol=0, atol=1e-10, msg=name)
+    for grad in (False, True):  # the same computation with and without autograd
+        with torch.set_grad_enabled(grad):
+            _, seen = run_and_capture(module, golden["input"])
+        for name in ("x_proj", "x1", "offset", "mask_logits", "mask", "core_out"):
+            torch.testing.assert_close(seen[name], inter[name], rtol=0, atol=1e-10, msg=name)
 
 
 def test_golden_float32(golden: dict) -> None:
@@ -83,13 +106,11 @@ def test_initial_module_is_a_fixed_neighbourhood_average(core_op: str) -> None:
     assert torch.count_nonzero(module.mask.weight) == 0
     x = torch.randn(2, 6, 7, 32, dtype=torch.float64)
     with torch.no_grad():
-        value = module.input_proj(x)
-        offset, mask = module.offset_and_mask(module.offset_branch(x), value.dtype)
-        torch.testing.assert_close(mask, torch.full_like(mask, 1 / 9))
-        core = module.core(value, offset, mask)
-        avg = F.avg_pool2d(value.permute(0, 3, 1, 2), 3, stride=1, padding=1,
-                           count_include_pad=True).permute(0, 2, 3, 1)
-    torch.testing.assert_close(core, avg, rtol=0, atol=1e-12)
+        _, seen = run_and_capture(module, x)
+    torch.testing.assert_close(seen["mask"], torch.full_like(seen["mask"], 1 / 9))
+    avg = F.avg_pool2d(seen["x_proj"].permute(0, 3, 1, 2), 3, stride=1, padding=1,
+                       count_include_pad=True).permute(0, 2, 3, 1)
+    torch.testing.assert_close(seen["core_out"], avg, rtol=0, atol=1e-12)
 
 
 def test_center_feature_scale_blend_and_params() -> None:
@@ -104,14 +125,16 @@ def test_center_feature_scale_blend_and_params() -> None:
         module.offset.weight.normal_(std=0.3)
     x = torch.randn(1, 5, 6, 32, dtype=torch.float64)
     with torch.no_grad():
-        value = module.input_proj(x)
-        x1 = module.offset_branch(x)
-        core = module.core(value, *module.offset_and_mask(x1, value.dtype))
+        out, seen = run_and_capture(module, x)
+        value, x1 = seen["x_proj"], seen["x1"]
+        core = torch.ops.internimage.dcnv3(
+            value, seen["offset"], seen["mask"], [3, 3], [1, 1], [1, 1], [1, 1], 4, 8, 1.0,
+            False)
         gate = torch.sigmoid(x1 @ module.center_feature_scale_proj_weight.T
                              + module.center_feature_scale_proj_bias)
         gate = gate.repeat_interleave(8, dim=-1)  # one gate per group of 8 channels
         expected = module.output_proj(core * (1 - gate) + value * gate)
-        torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 def test_remove_center_shapes_and_output() -> None:
@@ -130,33 +153,27 @@ def test_remove_center_shapes_and_output() -> None:
 
 def test_mask_softmax_matches_f_softmax_and_runs_in_float32() -> None:
     torch.manual_seed(0)
-    module = DCNv3(channels=32, group=4)
-    with torch.no_grad():
-        module.mask.weight.normal_(std=3.0)
-        module.mask.bias.normal_(std=3.0)
-    x1 = torch.randn(2, 3, 4, 32)
-    logits = module.mask(x1)
+    logits = torch.randn(2, 3, 4, 36) * 3
     expected = F.softmax(logits.unflatten(-1, (4, 9)), dim=-1).flatten(-2)
-    for grad in (True, False):
-        with torch.set_grad_enabled(grad):
-            _, mask = module.offset_and_mask(x1, torch.float32)
-        torch.testing.assert_close(mask, expected, rtol=1e-6, atol=1e-7)
-    # bfloat16 logits: softmax computed in float32, then cast to the values' dtype
-    module_bf16 = DCNv3(channels=32, group=4).to(torch.bfloat16)
-    module_bf16.load_state_dict(module.state_dict())
-    with torch.no_grad():
-        _, mask = module_bf16.offset_and_mask(x1.bfloat16(), torch.bfloat16)
-        logits_bf16 = module_bf16.mask(x1.bfloat16()).float()
-    assert mask.dtype == torch.bfloat16
-    expected = F.softmax(logits_bf16.unflatten(-1, (4, 9)), dim=-1).flatten(-2)
-    torch.testing.assert_close(mask, expected.bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(softmax_over_points(logits, 4, 9), expected, rtol=1e-6,
+                               atol=1e-7)
+    double = softmax_over_points(logits.double(), 4, 9)
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double, F.softmax(logits.double().unflatten(-1, (4, 9)), -1)
+                               .flatten(-2), rtol=0, atol=1e-15)
+    # bfloat16 logits: softmax computed and returned in float32
+    mask = softmax_over_points(logits.bfloat16(), 4, 9)
+    assert mask.dtype == torch.float32
+    expected = F.softmax(logits.bfloat16().float().unflatten(-1, (4, 9)), dim=-1).flatten(-2)
+    torch.testing.assert_close(mask, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_large_logits_do_not_overflow() -> None:
     module = DCNv3(channels=16, group=1)
     with torch.no_grad():
         module.mask.bias.copy_(torch.linspace(0, 500, 9))
-        _, mask = module.offset_and_mask(torch.zeros(1, 2, 2, 16), torch.float32)
+        _, seen = run_and_capture(module, torch.zeros(1, 2, 2, 16))
+    mask = seen["mask"]
     assert torch.isfinite(mask).all()
     torch.testing.assert_close(mask.sum(-1), torch.ones(1, 2, 2))
 

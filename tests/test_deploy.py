@@ -15,7 +15,6 @@ import torch
 from deploy_utils import forward_backward, make_input, make_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from internimage.cpu_inference import unfused
 from internimage.export import export_torchscript
 from internimage.ops import dcnv3, extension_available
 
@@ -135,7 +134,7 @@ def test_torchscript_trace_matches_eager(tmp_path, kind):
     # Other batch sizes and image sizes than the traced one: shapes are read at run time.
     for batch, size in ((2, 64), (3, 64), (1, 96)):
         x = make_input(batch, size, seed=batch + size)
-        with torch.no_grad(), unfused():  # the trace holds the plain (unfused) modules
+        with torch.no_grad():
             expected = model(x)
             torch.testing.assert_close(traced(x), expected, rtol=0, atol=0)
             torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
@@ -195,7 +194,7 @@ def test_torchscript_script_matches_eager(tmp_path, kind, core_op):
         loaded = torch.jit.load(str(path))
     for batch, size in ((2, 64), (1, 96)):
         x = make_input(batch, size, seed=batch + size)
-        with torch.no_grad(), unfused():  # the scripted model runs the plain modules
+        with torch.no_grad():
             expected = model(x)
             features = model.forward_features(x)
             pooled = model.forward_head(features, pre_logits=True)
@@ -203,8 +202,6 @@ def test_torchscript_script_matches_eager(tmp_path, kind, core_op):
                 assert torch.equal(compiled(x), expected)
                 assert torch.equal(compiled.forward_features(x), features)
                 assert torch.equal(compiled.forward_head(features, pre_logits=True), pooled)
-        with torch.no_grad():  # eager with the fused CPU kernels: equal to float rounding
-            torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("core_op", [pytest.param("DCNv3", marks=needs_op), "DCNv3_pytorch"])
@@ -232,7 +229,7 @@ def test_torchscript_script_batchnorm_and_variants():
         assert torch.equal(a, b), name
     eager.eval()
     scripted.eval()
-    with torch.no_grad(), unfused():
+    with torch.no_grad():
         assert torch.equal(scripted(x), eager(x))
 
 
@@ -244,7 +241,7 @@ def test_torchscript_script_after_reset_classifier(kind):
         model = make_model(kind)
         model.reset_classifier(*args)
         scripted = _script(model)
-        with torch.no_grad(), unfused():
+        with torch.no_grad():
             assert torch.equal(scripted(x), model(x)), args
 
 
@@ -258,7 +255,6 @@ def test_torchscript_script_without_extension():
         sys.path.insert(0, "tests")
         import torch
         from deploy_utils import make_input, make_model
-        from internimage.cpu_inference import unfused
         from internimage.ops import extension_available
         assert not extension_available()
         x = make_input(1, 64)
@@ -271,7 +267,7 @@ def test_torchscript_script_without_extension():
             assert len(fallback) == (core_op == "DCNv3"), [str(w.message) for w in caught]
             graph = str(scripted.inlined_graph)
             assert "internimage::dcnv3" not in graph and "grid_sampler" in graph
-            with torch.no_grad(), unfused():
+            with torch.no_grad():
                 assert torch.equal(scripted(x), model(x)), core_op
         print("ok")
         """

@@ -17,7 +17,6 @@ from conftest import load_golden
 from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 
 from internimage import InternImage, MetadataHead, checkpoint_filter_fn, encode_inat_metadata
-from internimage.cpu_inference import unfused
 
 META_DIM = 16  # small width for the numeric tests (the released model uses 64)
 GOLDEN = {"clip": "model_h_like_clip.pt", "conv": "model_b_like_layerscale_postnorm.pt"}
@@ -314,7 +313,7 @@ def test_torchscript_script_matches_eager(golden: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(model)
-    with torch.no_grad(), unfused():  # the scripted model runs the plain modules
+    with torch.no_grad():
         torch.testing.assert_close(scripted(x, temporal, spatial), model(x, temporal, spatial),
                                    rtol=0, atol=0)
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
@@ -333,7 +332,7 @@ def test_fx_graph_takes_optional_metadata(golden: dict) -> None:
     temporal, spatial = metadata(x.shape[0])
     _, eval_nodes = get_graph_node_names(model)
     extractor = create_feature_extractor(model, {eval_nodes[-1]: "out", "meta_head.fc": "meta"})
-    with torch.no_grad(), unfused():
+    with torch.no_grad():
         out = extractor(x, temporal, spatial)
         torch.testing.assert_close(out["out"], model(x, temporal, spatial), rtol=0, atol=0)
         torch.testing.assert_close(out["meta"], model.meta_head(temporal, spatial),

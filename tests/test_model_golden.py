@@ -12,7 +12,7 @@ import timm
 import torch
 from conftest import load_golden
 
-from internimage import InternImage, checkpoint_filter_fn
+from internimage import InternImage, checkpoint_filter_fn, optimize_for_inference
 
 MODEL_FILES = (
     "model_t_like.pt",
@@ -70,8 +70,11 @@ def test_golden_float64(golden: dict, core_op: str) -> None:
                                msg="logits")
 
 
-def test_golden_float32(golden: dict) -> None:
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "optimize_for_inference"])
+def test_golden_float32(golden: dict, optimized: bool) -> None:
     model = build(golden, "DCNv3", torch.float32)
+    if optimized:
+        model = optimize_for_inference(model)
     out = run(model, golden["input"].float())
     for i, (ours, ref) in enumerate(zip(out["stages"], golden["stages"], strict=True)):
         torch.testing.assert_close(nhwc(ours).double(), ref, rtol=0, atol=F32_STAGE_ATOL,
