@@ -12,7 +12,7 @@ from conftest import GOLDEN_FLASH_DIR, golden_files
 from torch import nn
 
 from internimage import DCNv4
-from internimage.dcnv4 import dcnv4_core
+from internimage.dcnv4 import check_nhwc_input, dcnv4_core
 
 GOLDEN_MODULES = golden_files("module_*.pt", GOLDEN_FLASH_DIR)
 CORE_OPS = ("DCNv4", "DCNv4_pytorch")
@@ -212,6 +212,7 @@ def test_fx_symbolic_trace_keeps_the_core_as_a_leaf():
     traced = torch.fx.symbolic_trace(module)
     targets = [n.target for n in traced.graph.nodes if n.op in ("call_function", "call_module")]
     assert sum(t is dcnv4_core for t in targets) == 1
+    assert sum(t is check_nhwc_input for t in targets) == 1
     assert {"offset_mask_dw", "offset_mask", "value_proj", "output_proj"} <= set(targets)
     x = torch.randn(2, 5, 4, 32)
     torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)
@@ -245,6 +246,15 @@ BAD_KWARGS = {
     "even kernel remove_center": (dict(kernel_size=2, pad=0, dilation=0), ValueError,
                                   r"dilation must be >= 1, got 0"),
 }
+
+
+def test_nchw_input_is_refused_with_a_hint():
+    module = DCNv4(channels=16, group=2)
+    with pytest.raises(ValueError, match=r"channels-last .* C = 16, got shape \[1, 16, 5, 6\] "
+                       r"\(an NCHW tensor\?"):
+        module(torch.randn(1, 16, 5, 6))
+    with pytest.raises(ValueError, match=r"got shape \[5, 6, 16\]"):
+        module(torch.randn(5, 6, 16))
 
 
 @pytest.mark.parametrize("case", BAD_KWARGS.values(), ids=BAD_KWARGS.keys())
