@@ -15,7 +15,7 @@ DCNv4 module's projection makes it) is DCNv3's ``offset`` and ``mask`` interleav
 Rounds alternate between the paths (each round runs one path several times back to back
 and takes the mean); the table reports the median round.
 
-    python benchmarks/bench_dcnv4.py [--batch-sizes 8] [--repeats 7]
+    python benchmarks/bench_dcnv4.py [--batch-sizes 8] [--repeats 7] [--threads N]
 """
 
 from __future__ import annotations
@@ -107,7 +107,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not internimage.ops.extension_available():
         raise SystemExit(f"compiled extension missing: {internimage.ops.extension_error()}")
 
