@@ -66,8 +66,14 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 debug = os.environ.get("DEBUG", "0") == "1"
 cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
-cxx_flags += ["-fopenmp", "-std=c++20"]
-sources = [os.path.join("csrc", "dcnv3.cpp")]
+# -fno-trapping-math: nothing reads floating-point exception flags, and without it GCC will not
+# turn a conditionally computed value into a blend where the target has no masked instructions
+# (AVX2), so the CPU kernels' branch-free sample loops would not vectorise there. Results are
+# unchanged (NaN and infinity propagate as before).
+# -Wno-psabi: GCC notes that passing 32/64-byte vectors by value changes the ABI where AVX is
+# not enabled; the CPU kernels only pass them between always-inlined functions of one build.
+cxx_flags += ["-fopenmp", "-std=c++20", "-fno-trapping-math", "-Wno-psabi"]
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = []

@@ -1,19 +1,25 @@
-"""DCNv3 on CUDA: the compiled kernels against the pure-PyTorch reference, side by side.
+"""DCNv3 and DCNv4 on CUDA: the compiled kernels against the pure-PyTorch reference and
+against each other, side by side.
 
 Times forward and backward at InternImage-T's stage shapes (3x3, stride 1, pad 1, 16 channels
 per group) with CUDA events, and reports each time as a share of the card's copy bandwidth,
 measured in the same run. Compulsory bytes per output pixel, with s bytes per element and
-P = 9 points: forward (2C + 3GP)s (read input and offset+mask, write output); backward
-(3C + 6GP)s (read input, grad_output and offset+mask, write the three gradients).
+P = 9 points: DCNv3 forward (2C + 3GP)s (read input and offset+mask, write output), backward
+(3C + 6GP)s (read input, grad_output and offset+mask, write the three gradients); DCNv4 the
+same with its padded offset_mask width Cp = ceil(3GP / 8) * 8 for 3GP: forward (2C + Cp)s,
+backward (3C + 2Cp)s. DCNv4 gets the same numbers as DCNv3 (its packed offset_mask is DCNv3's
+offset and mask interleaved per group).
 If ``timm.create_model("internimage_t")`` works, it also times the whole model in bf16 against
 convnext_tiny. Ends with a short table.
 
     python benchmarks/bench_gpu.py [--batch-sizes 1 8 64] [--dtypes float32 bfloat16] [--no-model]
+    python benchmarks/bench_gpu.py --dry-run   # the same code on tiny CPU inputs (no GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -24,6 +30,14 @@ import torch
 STAGES = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))  # (size, C, G) at 224 px
 POINTS = 9
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_time_us(fn: Callable[[], object], target_ms: float = 0.0, repeats: int = 1) -> float:
+    """Wall time of one call, in microseconds (``--dry-run`` only: checks the code runs)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
 
 
 def cuda_time_us(fn: Callable[[], object], target_ms: float = 20.0, repeats: int = 3) -> float:
@@ -55,37 +69,54 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
     return 2 * nbytes / (us * 1e-6)
 
 
-def make_inputs(n: int, size: int, channels: int, group: int, dtype: torch.dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    kw = {"generator": gen, "device": "cuda"}
+def make_inputs(n: int, size: int, channels: int, group: int, dtype: torch.dtype,
+                device: str = "cuda"):
+    """input, DCNv3's offset and mask, DCNv4's packed offset_mask (the same numbers), and a
+    grad_output, all in `dtype` on `device`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    kw = {"generator": gen, "device": device}
     x = torch.randn(n, size, size, channels, **kw).to(dtype)
-    offset = torch.randn(n, size, size, group * POINTS * 2, **kw).to(dtype)
-    mask = torch.softmax(torch.randn(n, size, size, group, POINTS, **kw), -1).flatten(-2)
+    offset = torch.randn(n, size, size, group, POINTS * 2, **kw)
+    mask = torch.softmax(torch.randn(n, size, size, group, POINTS, **kw), -1)
+    packed = torch.cat([offset, mask], -1).flatten(-2)
+    width = math.ceil(3 * group * POINTS / 8) * 8
+    offset_mask = torch.zeros(n, size, size, width, device=device)
+    offset_mask[..., : packed.shape[-1]] = packed
     grad = torch.randn(n, size, size, channels, **kw).to(dtype)
-    return x, offset, mask.to(dtype), grad
+    return (x, offset.flatten(-2).to(dtype), mask.flatten(-2).to(dtype), offset_mask.to(dtype),
+            grad)
 
 
-def bench_op_case(n, size, channels, group, dtype, bandwidth):
+def bench_op_case(n, size, channels, group, dtype, bandwidth, timer=cuda_time_us):
     from internimage.ops import dcnv3_reference
 
-    x, offset, mask, grad = make_inputs(n, size, channels, group, dtype)
+    x, offset, mask, offset_mask, grad = make_inputs(
+        n, size, channels, group, dtype, "cpu" if timer is cpu_time_us else "cuda"
+    )
     params = ([3, 3], [1, 1], [1, 1], [1, 1], group, channels // group, 1.0, False)
     op = torch.ops.internimage.dcnv3.default
-    op_backward = torch.ops.internimage.dcnv3_backward.default
+    op_backward = torch.ops.internimage._dcnv3_backward.default
+    op4 = torch.ops.internimage.dcnv4.default
+    op4_backward = torch.ops.internimage._dcnv4_backward.default
 
     with torch.no_grad():
-        fwd = cuda_time_us(lambda: op(x, offset, mask, *params))
-        ref_fwd = cuda_time_us(lambda: dcnv3_reference(x, offset, mask, *params))
-    bwd = cuda_time_us(lambda: op_backward(grad, x, offset, mask, *params))
+        fwd = timer(lambda: op(x, offset, mask, *params))
+        fwd4 = timer(lambda: op4(x, offset_mask, *params))
+        ref_fwd = timer(lambda: dcnv3_reference(x, offset, mask, *params))
+    bwd = timer(lambda: op_backward(grad, x, offset, mask, *params))
+    bwd4 = timer(lambda: op4_backward(grad, x, offset_mask, *params))
     leaves = [t.detach().requires_grad_() for t in (x, offset, mask)]
     ref_out = dcnv3_reference(*leaves, *params)
-    ref_bwd = cuda_time_us(
+    ref_bwd = timer(
         lambda: torch.autograd.grad(ref_out, leaves, grad, retain_graph=True)
     )
     pixels = n * size * size
     elem = x.element_size()
     fwd_bytes = pixels * (2 * channels + 3 * group * POINTS) * elem
     bwd_bytes = pixels * (3 * channels + 6 * group * POINTS) * elem
+    packed = offset_mask.shape[-1]
+    fwd4_bytes = pixels * (2 * channels + packed) * elem
+    bwd4_bytes = pixels * (3 * channels + 2 * packed) * elem
     return {
         "stage": f"{size}^2x{channels} g{group}",
         "N": n,
@@ -96,6 +127,10 @@ def bench_op_case(n, size, channels, group, dtype, bandwidth):
         "bwd_us": bwd,
         "ref_bwd_us": ref_bwd,
         "bwd_bw": bwd_bytes / (bwd * 1e-6) / bandwidth,
+        "fwd4_us": fwd4,
+        "fwd4_bw": fwd4_bytes / (fwd4 * 1e-6) / bandwidth,
+        "bwd4_us": bwd4,
+        "bwd4_bw": bwd4_bytes / (bwd4 * 1e-6) / bandwidth,
     }
 
 
@@ -137,7 +172,13 @@ def main() -> int:
     )
     parser.add_argument("--model-batch", type=int, default=64)
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model timings")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="run every op path once on tiny CPU inputs (checks the script without a GPU)",
+    )
     args = parser.parse_args()
+    if args.dry_run:
+        return dry_run()
 
     if not torch.cuda.is_available():
         print(
@@ -149,7 +190,10 @@ def main() -> int:
     import internimage  # noqa: F401  (registers the ops and the timm models)
     from internimage.ops import extension_error
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("internimage::dcnv3", "CUDA"):
+    if not all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"internimage::{op}", "CUDA")
+        for op in ("dcnv3", "dcnv4")
+    ):
         print(
             "bench_gpu.py: internimage._C has no CUDA kernels "
             f"({extension_error() or 'built without CUDA'}); rebuild with "
@@ -174,8 +218,9 @@ def main() -> int:
                 rows.append(row)
                 print(
                     f"  {row['stage']:>14} N={n:<3} {row['dtype']:>8}: fwd {row['fwd_us']:8.1f} us "
-                    f"(ref {row['ref_fwd_us']:8.1f}), bwd {row['bwd_us']:8.1f} us "
-                    f"(ref {row['ref_bwd_us']:8.1f})"
+                    f"(ref {row['ref_fwd_us']:8.1f}, dcnv4 {row['fwd4_us']:8.1f}), "
+                    f"bwd {row['bwd_us']:8.1f} us (ref {row['ref_bwd_us']:8.1f}, "
+                    f"dcnv4 {row['bwd4_us']:8.1f})"
                 )
         torch.cuda.empty_cache()
 
@@ -209,11 +254,51 @@ def main() -> int:
             f"{r['ref_fwd_us'] / r['fwd_us']:6.1f} {100 * r['fwd_bw']:5.1f} | "
             f"{r['bwd_us']:8.1f} {r['ref_bwd_us'] / r['bwd_us']:6.1f} {100 * r['bwd_bw']:5.1f}"
         )
+    print_dcnv4_table(rows)
     if model_rows:
         print(f"\nmodel, bf16 autocast, batch {args.model_batch}: images/s")
         print(f"{'model':>14} | {'forward':>9} | {'train step':>10}")
         for name, infer, train in model_rows:
             print(f"{name:>14} | {infer:9.0f} | {train:10.0f}")
+    return 0
+
+
+def print_dcnv4_table(rows: list[dict]) -> None:
+    """DCNv4 beside DCNv3: times, shares of the copy bandwidth, ratios (the targets: forward
+    >= 50 % of copy bandwidth at 56^2x64 g4, N=64, float32 and bfloat16; backward <= 3x its
+    forward)."""
+    print(
+        "\nDCNv4 op, CUDA events, us per call; v4/v3 = DCNv4 time / DCNv3 time; "
+        "%bw as above (packed offset_mask width); bwd/fwd = DCNv4 backward / forward"
+    )
+    header = (
+        f"{'stage':>14} {'N':>3} {'dtype':>8} | {'fwd us':>8} {'%bw':>5} {'v4/v3':>6} "
+        f"| {'bwd us':>8} {'%bw':>5} {'v4/v3':>6} {'bwd/fwd':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['stage']:>14} {r['N']:>3} {r['dtype']:>8} | {r['fwd4_us']:8.1f} "
+            f"{100 * r['fwd4_bw']:5.1f} {r['fwd4_us'] / r['fwd_us']:6.2f} | "
+            f"{r['bwd4_us']:8.1f} {100 * r['bwd4_bw']:5.1f} {r['bwd4_us'] / r['bwd_us']:6.2f} "
+            f"{r['bwd4_us'] / r['fwd4_us']:7.2f}"
+        )
+
+
+def dry_run() -> int:
+    """Every op path and both tables once on tiny CPU inputs: checks the script (argument
+    handling, inputs, byte counts, tables) on a machine without a GPU. Times are meaningless."""
+    import internimage  # noqa: F401  (registers the ops)
+
+    rows = [
+        bench_op_case(n, size, channels, group, dtype, bandwidth=1e10, timer=cpu_time_us)
+        for size, channels, group in ((5, 64, 4), (3, 32, 2))
+        for n in (1, 2)
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    print_dcnv4_table(rows)
+    print("bench_gpu.py --dry-run: ok (CPU, tiny shapes; times are not meaningful)")
     return 0
 
 

@@ -7,6 +7,10 @@ one path's allocations do not land inside the other's timing) and reports the me
 and the speed-up ratio.
 
     python benchmarks/bench_op.py [--batch-sizes 1 8] [--repeats 7] [--dtype float32]
+        [--threads N]
+
+INTERNIMAGE_CPU_ISA=avx2 caps the compiled kernels at their AVX2 build (ATEN_CPU_CAPABILITY=avx2
+does the same for PyTorch's, so the reference too runs as on an AVX2-only CPU).
 """
 
 from __future__ import annotations
@@ -69,19 +73,35 @@ def bench_case(n: int, size: int, channels: int, group: int, dtype: torch.dtype,
     return results
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for both paths (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not internimage.ops.extension_available():
         raise SystemExit(f"compiled extension missing: {internimage.ops.extension_error()}")
     dtype = getattr(torch, args.dtype)
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {args.dtype}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, "
+        f"CPU kernels: {internimage._C.cpu_isa()}, reference: ATen "
+        f"{torch.backends.cpu.get_cpu_capability()}, {args.dtype}, "
         f"median of {args.repeats} rounds"
     )
     header = (

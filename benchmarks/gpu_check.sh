@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# GPU check of the DCNv3 CUDA kernels, for a machine with an NVIDIA GPU (H100/H200), torch with
-# CUDA already installed, and no internet. From anywhere:
+# GPU check of the DCNv3 and DCNv4 CUDA kernels, for a machine with an NVIDIA GPU (H100/H200),
+# torch with CUDA already installed, and no internet. From anywhere:
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh     # the log goes to $OUT/gpu_check.log
 #
 # 1. rebuilds internimage._C for sm_90 against the local torch (editable install, no downloads),
-# 2. runs tests/test_ops_cuda.py,
-# 3. runs benchmarks/bench_gpu.py, which ends with a short table.
+# 2. runs tests/test_ops_cuda.py (both ops: golden files, CUDA against CPU on fresh random
+#    inputs for every dtype, group_channels 8/16/32/64 and batch 1/3/64 for DCNv4, ...),
+# 3. runs benchmarks/bench_gpu.py, which ends with two short tables: DCNv3 against its
+#    reference, and DCNv4 beside DCNv3 (share of copy bandwidth, backward / forward).
+# Without a GPU, `bash benchmarks/gpu_check.sh --dry-run` checks the CPU-side parts only: the
+# test file collects (and skips), and bench_gpu.py runs its code paths on tiny CPU inputs.
 # Each step has its own time limit; the whole run stays under 8 minutes.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -61,7 +65,9 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", 
   echo "built in $((SECONDS - t)) s; compiler warnings: $count"
   [[ $count == 0 ]] || head -n 20 <<<"$warnings"
   python -c 'import torch, internimage
-ok = torch._C._dispatch_has_kernel_for_dispatch_key("internimage::dcnv3", "CUDA")
+ops = ("dcnv3", "_dcnv3_backward", "dcnv4", "_dcnv4_backward")
+ok = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"internimage::{op}", "CUDA")
+         for op in ops)
 print("internimage", internimage.__version__, "| CUDA kernels registered:", ok)
 raise SystemExit(0 if ok else "internimage._C was built without CUDA kernels")'
 
@@ -82,7 +88,15 @@ raise SystemExit(0 if ok else "internimage._C was built without CUDA kernels")'
   [[ $tests == 0 && $bench == 0 ]]
 }
 
-if [[ -n "${OUT:-}" ]]; then
+dry_run() {
+  echo "== gpu_check --dry-run (no GPU needed): collect the CUDA tests, run bench_gpu.py on CPU"
+  python -m pytest tests/test_ops_cuda.py -q -rs -p no:cacheprovider
+  python benchmarks/bench_gpu.py --dry-run
+}
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry_run
+elif [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT"
   main 2>&1 | tee "$OUT/gpu_check.log"
 else

@@ -1,10 +1,13 @@
-// Per-sample math of the DCNv3 operator, shared by the CPU and CUDA kernels.
+// Per-sample math of the DCNv3 and DCNv4 operators, shared by the CPU and CUDA kernels.
 //
 // Layouts (all channels-last):
 //   input  (N, H_in, W_in, G * gc)
-//   offset (N, H_out, W_out, G * P * 2), ordered [group][point][x, y]
-//   mask   (N, H_out, W_out, G * P),     ordered [group][point]
 //   output (N, H_out, W_out, G * gc)
+//   DCNv3: offset (N, H_out, W_out, G * P * 2), ordered [group][point][x, y]
+//          mask   (N, H_out, W_out, G * P),     ordered [group][point]
+//   DCNv4: offset_mask (N, H_out, W_out, >= 3 * G * P): group g owns [3Pg, 3Pg + 3P), its
+//          2P offsets ([point][x, y]) then its P mask values; later channels are padding.
+// OffsetMaskLayout turns both into one addressing scheme, so every kernel is written once.
 // Points are enumerated kernel-width index outer, kernel-height index inner
 // (p = i * kernel_h + j); with remove_center the centre tap is skipped and
 // later points move down by one.
@@ -69,6 +72,50 @@ DCNV3_HOST_DEVICE int64_t dcnv3_output_size(int64_t in, int kernel, int stride, 
   return q + 1;
 }
 
+// The index type follows the pixel argument alone.
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
+// Where the offsets and mask values of (output pixel, group) live, as element indices from the
+// offset and mask base pointers (flat output pixel = (n * H_out + h_out) * W_out + w_out).
+// Within a group the 2P offsets ((x, y) per point) and the P mask values are contiguous in
+// both layouts; gradient tensors share their input's layout.
+struct OffsetMaskLayout {
+  int64_t offset_pixel_stride, offset_group_stride;
+  int64_t mask_pixel_stride, mask_group_stride;
+
+  // DCNv3: separate offset (.., G * P * 2) and mask (.., G * P) tensors.
+  static OffsetMaskLayout separate(int group, int points) {
+    const int64_t p = points;
+    return {group * 2 * p, 2 * p, group * p, p};
+  }
+  // DCNv4: one (.., channels) tensor, the mask pointer at its element 2P.
+  static OffsetMaskLayout packed(int points, int64_t channels) {
+    const int64_t block = 3 * static_cast<int64_t>(points);
+    return {channels, block, channels, block};
+  }
+  // In the caller's index type (CUDA kernels index in int32 when everything fits).
+  template <typename I>
+  DCNV3_HOST_DEVICE I offset_index(I pixel, typename NonDeduced<I>::type group) const {
+    return pixel * static_cast<I>(offset_pixel_stride) +
+           group * static_cast<I>(offset_group_stride);
+  }
+  template <typename I>
+  DCNV3_HOST_DEVICE I mask_index(I pixel, typename NonDeduced<I>::type group) const {
+    return pixel * static_cast<I>(mask_pixel_stride) +
+           group * static_cast<I>(mask_group_stride);
+  }
+  // Whether the samples of consecutive (pixel, group) pairs follow each other with no gap
+  // (DCNv3), so that a run of them can be read in place.
+  bool dense(int group, int points) const {
+    return offset_group_stride == 2 * points && mask_group_stride == points &&
+           offset_pixel_stride == group * offset_group_stride &&
+           mask_pixel_stride == group * mask_group_stride;
+  }
+};
+
 // Displacement (in unscaled pixels) of kernel tap (i along width, j along height)
 // from the kernel centre.
 template <typename T>
@@ -83,19 +130,32 @@ DCNV3_HOST_DEVICE bool is_removed_centre(const Dcnv3Geometry& g, int i, int j) {
   return g.remove_center && i == g.kernel_w / 2 && j == g.kernel_h / 2;
 }
 
+// Centre of the kernel window of output pixel (h_out, w_out), in input pixel coordinates.
+template <typename T>
+DCNV3_HOST_DEVICE void kernel_centre(const Dcnv3Geometry& g, int64_t h_out, int64_t w_out,
+                                     T& centre_x, T& centre_y) {
+  centre_x = static_cast<T>(w_out * g.stride_w - g.pad_w + g.half_w());
+  centre_y = static_cast<T>(h_out * g.stride_h - g.pad_h + g.half_h());
+}
+
+// One coordinate of a sampling location: offset_scale scales the learned offset and the
+// regular kernel grid (the tap's displacement), not the centre.
+template <typename T>
+DCNV3_HOST_DEVICE T sample_coordinate(T centre, T tap, T offset, T offset_scale) {
+  return centre + (tap + offset) * offset_scale;
+}
+
 // Sampling location of tap (i, j) for output pixel (h_out, w_out), given the learned
-// offset pair (off_x, off_y). offset_scale scales the learned offset and the regular
-// kernel grid, not the centre.
+// offset pair (off_x, off_y).
 template <typename T>
 DCNV3_HOST_DEVICE void sampling_location(const Dcnv3Geometry& g, int64_t h_out, int64_t w_out,
                                          int i, int j, T off_x, T off_y, T& loc_x, T& loc_y) {
-  T dx, dy;
+  T dx, dy, centre_x, centre_y;
   kernel_tap_displacement(g, i, j, dx, dy);
+  kernel_centre(g, h_out, w_out, centre_x, centre_y);
   const T scale = static_cast<T>(g.offset_scale);
-  const T centre_x = static_cast<T>(w_out * g.stride_w - g.pad_w + g.half_w());
-  const T centre_y = static_cast<T>(h_out * g.stride_h - g.pad_h + g.half_h());
-  loc_x = centre_x + (dx + off_x) * scale;
-  loc_y = centre_y + (dy + off_y) * scale;
+  loc_x = sample_coordinate(centre_x, dx, off_x, scale);
+  loc_y = sample_coordinate(centre_y, dy, off_y, scale);
 }
 
 // Corners of one sample, branch-free (so a loop over samples vectorises): returns a bit set
@@ -104,7 +164,7 @@ DCNV3_HOST_DEVICE void sampling_location(const Dcnv3Geometry& g, int64_t h_out, 
 // y0/x0 are the top-left corner, frac_y/frac_x = loc - floor(loc).
 template <typename T>
 DCNV3_HOST_DEVICE unsigned sample_corners(T loc_y, T loc_x, int64_t height, int64_t width,
-                                          int64_t& y0, int64_t& x0, T& frac_y, T& frac_x) {
+                                          int32_t& y0, int32_t& x0, T& frac_y, T& frac_x) {
   // Written so that NaN fails the test; bitwise & keeps the function free of branches.
   const bool inside = (loc_y > static_cast<T>(-1)) & (loc_x > static_cast<T>(-1)) &
                       (loc_y < static_cast<T>(height)) & (loc_x < static_cast<T>(width));
@@ -113,51 +173,55 @@ DCNV3_HOST_DEVICE unsigned sample_corners(T loc_y, T loc_x, int64_t height, int6
   loc_x = loc_x > static_cast<T>(-2) ? loc_x : static_cast<T>(-2);
   loc_y = loc_y < static_cast<T>(height) ? loc_y : static_cast<T>(height);
   loc_x = loc_x < static_cast<T>(width) ? loc_x : static_cast<T>(width);
-  const int32_t y_floor = floor_to_int(loc_y);
-  const int32_t x_floor = floor_to_int(loc_x);
-  y0 = y_floor;
-  x0 = x_floor;
-  frac_y = loc_y - static_cast<T>(y_floor);
-  frac_x = loc_x - static_cast<T>(x_floor);
-  const unsigned y0_in = y0 >= 0, y1_in = y0 + 1 < height;
-  const unsigned x0_in = x0 >= 0, x1_in = x0 + 1 < width;
+  y0 = floor_to_int(loc_y);
+  x0 = floor_to_int(loc_x);
+  frac_y = loc_y - static_cast<T>(y0);
+  frac_x = loc_x - static_cast<T>(x0);
+  // In 32 bits (sides are at most 2^30, see checks.cpp): vectorised, the lanes then match
+  // float32's.
+  const int32_t last_y = static_cast<int32_t>(height) - 1;
+  const int32_t last_x = static_cast<int32_t>(width) - 1;
+  const unsigned y0_in = y0 >= 0, y1_in = y0 < last_y;
+  const unsigned x0_in = x0 >= 0, x1_in = x0 < last_x;
   const unsigned bits =
       (y0_in & x0_in) | (y0_in & x1_in) << 1 | (y1_in & x0_in) << 2 | (y1_in & x1_in) << 3;
   return bits & (0u - static_cast<unsigned>(inside));
 }
 
-// Bilinear weights of the four corners (same order as sample_corners).
+// One value per bilinear corner, in sample_corners' order. Returned by value: compilers keep
+// it in registers, and vectorise callers' loops over samples (an array written through a
+// pointer would stay in memory and stop them).
 template <typename T>
-DCNV3_HOST_DEVICE void bilinear_weights(T frac_y, T frac_x, T weight[4]) {
+struct CornerValues {
+  T v[4];
+};
+
+// Bilinear weights of the four corners.
+template <typename T>
+DCNV3_HOST_DEVICE CornerValues<T> bilinear_weights(T frac_y, T frac_x) {
   const T hy = static_cast<T>(1) - frac_y, hx = static_cast<T>(1) - frac_x;
-  weight[0] = hy * hx;
-  weight[1] = hy * frac_x;
-  weight[2] = frac_y * hx;
-  weight[3] = frac_y * frac_x;
+  return {{hy * hx, hy * frac_x, frac_y * hx, frac_y * frac_x}};
 }
 
-// Derivatives of the four bilinear weights with respect to the sample's x and y location,
-// so that d(bilinear)/dx = sum_k d_dx[k] * value_k (same corner order as sample_corners).
+// The weights of a sample's four corners in the output: mask x bilinear weight for a corner
+// inside the image (bit k of `corners`, from sample_corners), exactly 0 for one outside, so a
+// corner that reads as zero adds nothing even when the mask is infinite. Branch-free.
 template <typename T>
-DCNV3_HOST_DEVICE void bilinear_weight_gradients(T frac_y, T frac_x, T d_dx[4], T d_dy[4]) {
-  const T hy = static_cast<T>(1) - frac_y, hx = static_cast<T>(1) - frac_x;
-  d_dx[0] = -hy;
-  d_dx[1] = hy;
-  d_dx[2] = -frac_y;
-  d_dx[3] = frac_y;
-  d_dy[0] = -hx;
-  d_dy[1] = -frac_x;
-  d_dy[2] = hx;
-  d_dy[3] = frac_x;
+DCNV3_HOST_DEVICE CornerValues<T> masked_corner_weights(unsigned corners, T mask, T frac_y,
+                                                        T frac_x) {
+  const CornerValues<T> w = bilinear_weights(frac_y, frac_x);
+  const T zero = static_cast<T>(0);
+  return {{(corners & 1u) ? mask * w.v[0] : zero, (corners & 2u) ? mask * w.v[1] : zero,
+           (corners & 4u) ? mask * w.v[2] : zero, (corners & 8u) ? mask * w.v[3] : zero}};
 }
 
-// The four bilinear corners of one sample and their weights.
-// pixel[k] is the flat pixel index y * W_in + x of corner k, or -1 for a corner outside the
-// image (which reads as zero and receives no gradient).
+// Where the four bilinear corners of one sample are, for kernels that handle one sample at
+// a time (CUDA): pixel[k] is the flat pixel index y * W_in + x of corner k, or -1 for a corner
+// outside the image (which reads as zero and receives no gradient).
 template <typename T>
 struct BilinearSample {
   int64_t pixel[4];
-  T weight[4];
+  unsigned corners;  // as returned by sample_corners
   T frac_y, frac_x;  // loc - floor(loc)
 };
 
@@ -165,24 +229,22 @@ struct BilinearSample {
 template <typename T>
 DCNV3_HOST_DEVICE bool bilinear_sample(T loc_y, T loc_x, int64_t height, int64_t width,
                                        BilinearSample<T>& s) {
-  int64_t y0, x0;
-  const unsigned corners = sample_corners(loc_y, loc_x, height, width, y0, x0, s.frac_y,
-                                          s.frac_x);
-  if (corners == 0u) return false;
-  bilinear_weights(s.frac_y, s.frac_x, s.weight);
-  const int64_t base = y0 * width + x0;
-  s.pixel[0] = (corners & 1u) ? base : -1;
-  s.pixel[1] = (corners & 2u) ? base + 1 : -1;
-  s.pixel[2] = (corners & 4u) ? base + width : -1;
-  s.pixel[3] = (corners & 8u) ? base + width + 1 : -1;
-  return true;
+  int32_t y0, x0;
+  s.corners = sample_corners(loc_y, loc_x, height, width, y0, x0, s.frac_y, s.frac_x);
+  const int64_t base = static_cast<int64_t>(y0) * width + x0;
+  s.pixel[0] = (s.corners & 1u) ? base : -1;
+  s.pixel[1] = (s.corners & 2u) ? base + 1 : -1;
+  s.pixel[2] = (s.corners & 4u) ? base + width : -1;
+  s.pixel[3] = (s.corners & 8u) ? base + width + 1 : -1;
+  return s.corners != 0u;
 }
 
-// Gradients of one sample, given the four corner dot products
-// corner_dot[k] = sum_c grad_out[c] * value_k[c] (zero for corners outside):
+// Gradients of one sample at fractional position (frac_y, frac_x), given the four corner dot
+// products corner_dot[k] = sum_c grad_out[c] * value_k[c] (zero for corners outside):
 //   d(loss)/d(mask)  = sum_c grad_out[c] * bilinear[c]
 //   d(loss)/d(loc_x) = mask * sum_c grad_out[c] * d bilinear[c] / dx, same for y.
-// The offset gradients are the location gradients times offset_scale.
+// The offset gradients are the location gradients times offset_scale. Callers give a skipped
+// sample (sample_corners == 0) zero gradients instead.
 template <typename T>
 struct SampleGradients {
   T mask;
@@ -190,14 +252,14 @@ struct SampleGradients {
 };
 
 template <typename T>
-DCNV3_HOST_DEVICE SampleGradients<T> sample_gradients(const BilinearSample<T>& s,
-                                                      const T corner_dot[4], T mask,
-                                                      T offset_scale) {
-  const T ly = s.frac_y, lx = s.frac_x;
+DCNV3_HOST_DEVICE SampleGradients<T> sample_gradients(T frac_y, T frac_x, const T corner_dot[4],
+                                                      T mask, T offset_scale) {
+  const T ly = frac_y, lx = frac_x;
   const T hy = static_cast<T>(1) - ly, hx = static_cast<T>(1) - lx;
+  const CornerValues<T> w = bilinear_weights(frac_y, frac_x);
   SampleGradients<T> r;
-  r.mask = s.weight[0] * corner_dot[0] + s.weight[1] * corner_dot[1] +
-           s.weight[2] * corner_dot[2] + s.weight[3] * corner_dot[3];
+  r.mask = w.v[0] * corner_dot[0] + w.v[1] * corner_dot[1] + w.v[2] * corner_dot[2] +
+           w.v[3] * corner_dot[3];
   const T d_dx = hy * (corner_dot[1] - corner_dot[0]) + ly * (corner_dot[3] - corner_dot[2]);
   const T d_dy = hx * (corner_dot[2] - corner_dot[0]) + lx * (corner_dot[3] - corner_dot[1]);
   r.offset_x = offset_scale * mask * d_dx;

@@ -2,12 +2,14 @@
 
 Importing the package registers the timm models ``internimage_t/s/b/l/xl/h/g`` and
 ``internimage_h_meta`` (H with the iNaturalist metadata head). The functional
-op lives in :mod:`internimage.ops` (``internimage.ops.dcnv3``); ``internimage.dcnv3`` is the
-module file holding the :class:`DCNv3` layer.
+ops live in :mod:`internimage.ops` (``internimage.ops.dcnv3``, ``internimage.ops.dcnv4``);
+``internimage.dcnv3`` and ``internimage.dcnv4`` are the module files holding the
+:class:`DCNv3` layer of InternImage and the :class:`DCNv4` layer of FlashInternImage.
 """
 
 from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
 from internimage.dcnv3 import DCNv3
+from internimage.dcnv4 import DCNv4
 from internimage.export import export_onnx
 from internimage.inference import optimize_for_inference
 from internimage.internimage import (
@@ -23,6 +25,7 @@ from internimage.layer_decay import param_groups_layer_decay
 __version__ = "0.1.0"
 __all__ = [
     "DCNv3",
+    "DCNv4",
     "InternImage",
     "MetadataHead",
     "encode_inat_metadata",

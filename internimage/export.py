@@ -5,14 +5,16 @@ ONNX goes through PyTorch's dynamo-based exporter (``torch.onnx.export(..., dyna
 the default and maintained exporter in torch 2.14):
 
 1. :func:`torch.export.export` captures the model (eval mode) as an ``ExportedProgram``, with
-   a symbolic batch dimension when ``dynamic_batch`` is set. Each DCNv3 module on the
-   compiled op (``core_op='DCNv3'``) appears in that graph as one ``internimage::dcnv3`` node
-   (its fake kernel gives the shapes); modules on ``core_op='DCNv3_pytorch'`` contribute the
-   reference's standard ops directly.
+   a symbolic batch dimension when ``dynamic_batch`` is set. Each DCNv3 / DCNv4 module on the
+   compiled op (``core_op='DCNv3'`` / ``'DCNv4'``) appears in that graph as one
+   ``internimage::dcnv3`` / ``internimage::dcnv4`` node (its fake kernel gives the shapes);
+   modules on the ``*_pytorch`` core ops contribute the reference's standard ops directly.
 2. Default (``custom_op=False``): :meth:`ExportedProgram.run_decompositions` replaces every
    ``internimage::dcnv3`` node by :func:`internimage.ops.dcnv3_reference` (the tested
    pure-PyTorch implementation: arithmetic for the sampling locations, one ``grid_sample``
-   per call), which the exporter lowers to standard ONNX operators (``GridSample``, ``Mul``,
+   per call), and every ``internimage::dcnv4`` node by
+   :func:`internimage.ops.dcnv4_reference` (the same after slicing the packed offset_mask),
+   which the exporter lowers to standard ONNX operators (``GridSample``, ``Mul``,
    ``ReduceSum``, ...). Any ONNX runtime supporting the file's opset (20 by default, 18 at
    the lowest) runs it.
 3. ``custom_op=True``: a custom translation turns each ``internimage::dcnv3`` node into a
@@ -21,6 +23,8 @@ the default and maintained exporter in torch 2.14):
    and attributes ``kernel_size``, ``stride``, ``padding``, ``dilation`` (INTS, ``[h, w]``),
    ``group``, ``group_channels`` (INT), ``offset_scale`` (FLOAT) and ``remove_center`` (INT
    0/1), for runtimes with a DCNv3 plugin (TensorRT, a custom onnxruntime op library, ...).
+   Each ``internimage::dcnv4`` node likewise becomes one ``internimage::DCNv4`` node with
+   inputs ``input, offset_mask`` and the same attributes.
 
 The model is never left modified: training flags (and, for ``custom_op=True``, the
 ``core_op`` of reference modules, temporarily switched to the compiled op) are restored even
@@ -40,12 +44,14 @@ from torch import Tensor, nn
 
 from internimage import ops as _ops
 from internimage.dcnv3 import DCNv3
-from internimage.ops import dcnv3_reference
+from internimage.dcnv4 import DCNv4
+from internimage.ops import dcnv3_reference, dcnv4_reference
 
 __all__ = [
     "ONNX_DOMAIN",
     "ONNX_DOMAIN_VERSION",
     "ONNX_OP_TYPE",
+    "ONNX_OP_TYPE_DCNV4",
     "export_onnx",
     "verify_onnx",
     "export_torchscript",
@@ -55,6 +61,7 @@ __all__ = [
 ONNX_DOMAIN = "internimage"
 ONNX_DOMAIN_VERSION = 1
 ONNX_OP_TYPE = "DCNv3"
+ONNX_OP_TYPE_DCNV4 = "DCNv4"
 
 #: Example batch used to trace a dynamic batch dimension (1 would be specialised by
 #: torch.export's 0/1 rule, so the graph would not generalise).
@@ -130,12 +137,12 @@ def _export_mode(model: nn.Module, compiled_core: bool) -> Iterator[None]:
     """Puts every submodule in eval mode (and, with ``compiled_core``, every DCNv3 module on
     the compiled op) for the duration; restores each flag afterwards, even on error."""
     training = [(m, m.training) for m in model.modules()]
-    core_ops = [(m, m.core_op) for m in model.modules() if isinstance(m, DCNv3)]
+    core_ops = [(m, m.core_op) for m in model.modules() if isinstance(m, DCNv3 | DCNv4)]
     try:
         model.eval()
         if compiled_core:
             for module, _ in core_ops:
-                module.core_op = "DCNv3"
+                module.core_op = "DCNv3" if isinstance(module, DCNv3) else "DCNv4"
         yield
     finally:
         for module, flag in training:
@@ -167,26 +174,62 @@ def _dcnv3_decomposition(
     ).contiguous()
 
 
-def _dcnv3_onnx_op() -> Any:
-    """The onnxscript ``Op`` for ``internimage::DCNv3`` (built once, with an explicit schema,
-    so nothing is registered in ONNX's global schema registry)."""
-    global _ONNX_OP
-    if _ONNX_OP is not None:
-        return _ONNX_OP
+def _dcnv4_decomposition(
+    input: Tensor,
+    offset_mask: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool = False,
+) -> Tensor:
+    """``internimage::dcnv4`` as standard aten ops: the reference (see
+    :func:`_dcnv3_decomposition`)."""
+    return dcnv4_reference(
+        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
+        offset_scale, remove_center,
+    ).contiguous()
+
+
+_INPUT_DOCS = {
+    ONNX_OP_TYPE: (
+        "InternImage DCNv3 core (see internimage.ops): NHWC input, offset, mask.",
+        [
+            ("input", "(N, H_in, W_in, group * group_channels)"),
+            ("offset", "(N, H_out, W_out, group * P * 2)"),
+            ("mask", "(N, H_out, W_out, group * P)"),
+        ],
+    ),
+    ONNX_OP_TYPE_DCNV4: (
+        "FlashInternImage DCNv4 core (see internimage.ops): NHWC input, packed offset_mask "
+        "(per group 2P offsets then P raw mask values, padded to C >= 3 * group * P).",
+        [
+            ("input", "(N, H_in, W_in, group * group_channels)"),
+            ("offset_mask", "(N, H_out, W_out, C)"),
+        ],
+    ),
+}
+
+
+def _dcnv3_onnx_op(op_type: str = ONNX_OP_TYPE) -> Any:
+    """The onnxscript ``Op`` for ``internimage::DCNv3`` (or ``::DCNv4``), built once, with an
+    explicit schema, so nothing is registered in ONNX's global schema registry."""
+    if op_type in _ONNX_OPS:
+        return _ONNX_OPS[op_type]
     import onnxscript
     from onnx.defs import OpSchema
 
     attr = OpSchema.AttrType
+    doc, inputs = _INPUT_DOCS[op_type]
     schema = OpSchema(
-        ONNX_OP_TYPE,
+        op_type,
         ONNX_DOMAIN,
         ONNX_DOMAIN_VERSION,
-        doc="InternImage DCNv3 core (see internimage.ops): NHWC input, offset, mask.",
-        inputs=[
-            OpSchema.FormalParameter("input", "T", "(N, H_in, W_in, group * group_channels)"),
-            OpSchema.FormalParameter("offset", "T", "(N, H_out, W_out, group * P * 2)"),
-            OpSchema.FormalParameter("mask", "T", "(N, H_out, W_out, group * P)"),
-        ],
+        doc=doc,
+        inputs=[OpSchema.FormalParameter(name, "T", text) for name, text in inputs],
         outputs=[
             OpSchema.FormalParameter("output", "T", "(N, H_out, W_out, group * group_channels)")
         ],
@@ -206,13 +249,27 @@ def _dcnv3_onnx_op() -> Any:
             OpSchema.Attribute("remove_center", attr.INT, "1: drop the centre tap"),
         ],
     )
-    _ONNX_OP = onnxscript.values.Op(
-        onnxscript.values.Opset(ONNX_DOMAIN, ONNX_DOMAIN_VERSION), ONNX_OP_TYPE, schema
+    _ONNX_OPS[op_type] = onnxscript.values.Op(
+        onnxscript.values.Opset(ONNX_DOMAIN, ONNX_DOMAIN_VERSION), op_type, schema
     )
-    return _ONNX_OP
+    return _ONNX_OPS[op_type]
 
 
-_ONNX_OP: Any = None
+_ONNX_OPS: dict[str, Any] = {}
+
+
+def _attributes(kernel_size, stride, padding, dilation, group, group_channels, offset_scale,
+                remove_center) -> dict[str, Any]:
+    return dict(
+        kernel_size=[int(v) for v in kernel_size],
+        stride=[int(v) for v in stride],
+        padding=[int(v) for v in padding],
+        dilation=[int(v) for v in dilation],
+        group=int(group),
+        group_channels=int(group_channels),
+        offset_scale=float(offset_scale),
+        remove_center=int(bool(remove_center)),
+    )
 
 
 def _dcnv3_onnx_translation(
@@ -231,31 +288,48 @@ def _dcnv3_onnx_translation(
     """Exporter translation of ``internimage::dcnv3``: one ``internimage::DCNv3`` node."""
     return _dcnv3_onnx_op()(
         input, offset, mask,
-        kernel_size=[int(v) for v in kernel_size],
-        stride=[int(v) for v in stride],
-        padding=[int(v) for v in padding],
-        dilation=[int(v) for v in dilation],
-        group=int(group),
-        group_channels=int(group_channels),
-        offset_scale=float(offset_scale),
-        remove_center=int(bool(remove_center)),
+        **_attributes(kernel_size, stride, padding, dilation, group, group_channels,
+                      offset_scale, remove_center),
+    )
+
+
+def _dcnv4_onnx_translation(
+    input: Any,
+    offset_mask: Any,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool = False,
+) -> Any:
+    """Exporter translation of ``internimage::dcnv4``: one ``internimage::DCNv4`` node."""
+    return _dcnv3_onnx_op(ONNX_OP_TYPE_DCNV4)(
+        input, offset_mask,
+        **_attributes(kernel_size, stride, padding, dilation, group, group_channels,
+                      offset_scale, remove_center),
     )
 
 
 def _check_custom_op_calls(
-    model: nn.Module, program: Any, dcnv3_op: Any, device: torch.device
+    model: nn.Module, program: Any, ops: dict[str, Any], device: torch.device
 ) -> None:
-    """With ``custom_op=True`` every DCNv3 module must have become an op node; a module
-    that fell back to the reference (no kernel for the model's device) would silently be
-    exported as standard operators instead."""
-    modules = sum(isinstance(m, DCNv3) for m in model.modules())
-    calls = sum(node.target is dcnv3_op for node in program.graph.nodes)
-    if calls < modules:
-        raise RuntimeError(
-            f"export_onnx: custom_op=True expected {modules} internimage::dcnv3 calls (one per "
-            f"DCNv3 module) in the traced graph, found {calls}: the compiled op has no kernel "
-            f"for device '{device.type}'; export the model on the CPU"
-        )
+    """With ``custom_op=True`` every DCNv3 / DCNv4 module must have become an op node; a
+    module that fell back to the reference (no kernel for the model's device) would silently
+    be exported as standard operators instead. ``ops``: module class name -> op overload."""
+    for cls in (DCNv3, DCNv4):
+        op = ops[cls.__name__]
+        modules = sum(isinstance(m, cls) for m in model.modules())
+        calls = sum(node.target is op for node in program.graph.nodes)
+        if calls < modules:
+            raise RuntimeError(
+                f"export_onnx: custom_op=True expected {modules} internimage::"
+                f"{cls.__name__.lower()} calls (one per {cls.__name__} module) in the traced "
+                f"graph, found {calls}: the compiled op has no kernel for device "
+                f"'{device.type}'; export the model on the CPU"
+            )
 
 
 def _require(module: str, what: str) -> Any:
@@ -288,16 +362,17 @@ def export_onnx(
     """Exports ``model`` to an ONNX file with one image input ``input`` ``(N, C, H, W)``.
 
     Args:
-        model: an InternImage (or any module holding :class:`~internimage.DCNv3` modules or
-            calling ``internimage::dcnv3``). Exported in eval mode on its current device and
-            dtype; the model is left exactly as it was (training flags, ``core_op``).
+        model: an InternImage (or any module holding :class:`~internimage.DCNv3` /
+            :class:`~internimage.DCNv4` modules or calling ``internimage::dcnv3`` /
+            ``dcnv4``). Exported in eval mode on its current device and dtype; the model is
+            left exactly as it was (training flags, ``core_op``).
         path: destination ``.onnx`` file (parent folders are created).
         img_size: input height and width (int or ``(h, w)``); fixed in the graph.
             The clip-head models (H/G) need sides divisible by 32.
         dynamic_batch: make the batch dimension symbolic (``"batch"``); otherwise it is
             fixed to ``batch_size``.
-        custom_op: emit one ``internimage::DCNv3`` node per DCNv3 call (for runtimes with a
-            plugin) instead of the standard-operator decomposition. Needs the compiled
+        custom_op: emit one ``internimage::DCNv3`` / ``DCNv4`` node per op call (for runtimes
+            with a plugin) instead of the standard-operator decomposition. Needs the compiled
             extension (the op must be traceable); onnxruntime cannot run such a file without
             a custom-op library.
         batch_size: the fixed batch when ``dynamic_batch`` is False.
@@ -349,11 +424,16 @@ def export_onnx(
         translations: dict[Callable, Callable] = {}
         if _ops.extension_available():
             dcnv3_op = torch.ops.internimage.dcnv3.default
+            dcnv4_op = torch.ops.internimage.dcnv4.default
             if custom_op:
-                _check_custom_op_calls(model, program, dcnv3_op, x.device)
+                _check_custom_op_calls(model, program, {"DCNv3": dcnv3_op, "DCNv4": dcnv4_op},
+                                       x.device)
                 translations[dcnv3_op] = _dcnv3_onnx_translation
+                translations[dcnv4_op] = _dcnv4_onnx_translation
             else:
-                program = program.run_decompositions({dcnv3_op: _dcnv3_decomposition})
+                program = program.run_decompositions(
+                    {dcnv3_op: _dcnv3_decomposition, dcnv4_op: _dcnv4_decomposition}
+                )
         num_outputs = len(program.graph_signature.user_outputs)
         output_names = ["output"] if num_outputs == 1 else [f"output{i}" for i in
                                                             range(num_outputs)]

@@ -43,7 +43,7 @@ def _register() -> None:
         return  # extension not built: the reference path's grid_sample is not counted
 
     forward_op = torch.ops.internimage.dcnv3
-    backward_op = torch.ops.internimage.dcnv3_backward
+    backward_op = torch.ops.internimage._dcnv3_backward
     if forward_op not in flop_registry:
 
         @register_flop_formula(forward_op)

@@ -1,11 +1,16 @@
-"""The DCNv3 operator: functional API, pure-PyTorch reference, fake and autograd registrations.
+"""The DCNv3 and DCNv4 operators: functional API, pure-PyTorch references, fake and autograd
+registrations.
 
-Layouts (channels-last, as in the original InternImage):
+Layouts (channels-last, as in the original InternImage and DCNv4 code):
 
 * ``input``  ``(N, H_in, W_in, group * group_channels)``
-* ``offset`` ``(N, H_out, W_out, group * P * 2)``, ordered ``[group][point][x, y]``
-* ``mask``   ``(N, H_out, W_out, group * P)``, ordered ``[group][point]``, already normalised
 * output     ``(N, H_out, W_out, group * group_channels)``
+* DCNv3: ``offset`` ``(N, H_out, W_out, group * P * 2)``, ordered ``[group][point][x, y]``;
+  ``mask`` ``(N, H_out, W_out, group * P)``, ordered ``[group][point]``, used as given (the
+  DCNv3 module softmaxes it).
+* DCNv4: one ``offset_mask`` ``(N, H_out, W_out, C)`` with ``C >= 3 * group * P``: for each
+  group in turn, its ``2P`` offsets (``[point][x, y]``) then its ``P`` mask values, used raw
+  (no softmax). Channels from ``3 * group * P`` on are padding: never read, zero gradient.
 
 ``P = kernel_h * kernel_w - remove_center``. Points are enumerated kernel-width index outer,
 kernel-height index inner. A sample at ``(x, y)`` (pixel-centre coordinates) is
@@ -14,11 +19,19 @@ kernel-height index inner. A sample at ``(x, y)`` (pixel-centre coordinates) is
 
 (likewise for y), bilinearly interpolated with zeros outside the image; it contributes only
 when ``-1 < y < H_in`` and ``-1 < x < W_in``. NaN or infinite offsets fail that test, so such
-a sample contributes zero to the output and gets zero gradients.
+a sample contributes zero to the output and gets zero gradients. DCNv4 samples exactly as
+DCNv3 does; only the layout of offsets and mask differs.
 
-The compiled op ``torch.ops.internimage.dcnv3`` (CPU, and CUDA when built with it) is used when
-the extension is importable; otherwise :func:`dcnv3` falls back to :func:`dcnv3_reference`
-with a one-time warning.
+The compiled ops ``torch.ops.internimage.dcnv3`` / ``dcnv4`` (CPU, and CUDA when built with
+it) are used when the extension is importable; otherwise :func:`dcnv3` / :func:`dcnv4` fall
+back to :func:`dcnv3_reference` / :func:`dcnv4_reference` with a one-time warning.
+
+Autocast: the ops' one policy is registered with the dispatcher (``csrc/autocast.cpp``), so
+eager code, ``torch.compile`` and ``torch.export`` all see it: inside an autocast region every
+floating-point tensor argument except float64 (float32 and float16 alike) is cast to the
+autocast dtype, and the kernels accumulate in float32. The functions here only let mixed
+dtypes through to the op inside such a region. The pure-PyTorch references follow PyTorch's
+own autocast rules for the operators they are made of.
 """
 
 from __future__ import annotations
@@ -30,7 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dcnv3", "dcnv3_reference", "extension_available", "extension_error"]
+__all__ = [
+    "dcnv3",
+    "dcnv3_reference",
+    "dcnv4",
+    "dcnv4_reference",
+    "extension_available",
+    "extension_error",
+]
 
 try:
     from internimage import _C  # noqa: F401  (importing registers torch.ops.internimage.*)
@@ -49,7 +69,7 @@ IntPair = int | Sequence[int]
 
 
 def extension_available() -> bool:
-    """Whether the compiled DCNv3 kernels (``internimage._C``) were loaded."""
+    """Whether the compiled DCNv3/DCNv4 kernels (``internimage._C``) were loaded."""
     return _EXTENSION_ERROR is None
 
 
@@ -58,9 +78,9 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
+def _pair(op: str, value: IntPair, name: str) -> tuple[int, int]:
     if isinstance(value, bool):
-        raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
         return value, value
     if isinstance(value, torch.SymInt):
@@ -69,12 +89,105 @@ def _pair(value: IntPair, name: str) -> tuple[int, int]:
     if len(values) != 2 or not all(
         isinstance(v, int | torch.SymInt) and not isinstance(v, bool) for v in values
     ):
-        raise TypeError(f"dcnv3: {name} must be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     return values  # type: ignore[return-value]
 
 
 def _output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def _check_tensors(op: str, tensors: dict[str, Tensor], same_dtype: bool) -> None:
+    """Ranks of every tensor, then the input's dtype, then the others' dtypes and devices."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(
+                f"{op}: {name} must be 4-D (N, H, W, C), got {tensor.dim()}-D "
+                f"with shape {tuple(tensor.shape)}"
+            )
+    input = tensors["input"]
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"{op}: input must be a floating-point tensor, got {input.dtype}")
+    for name, tensor in tensors.items():
+        if name == "input":
+            continue
+        if same_dtype and tensor.dtype != input.dtype:
+            raise TypeError(
+                f"{op}: {name} must have the input's dtype {input.dtype}, got {tensor.dtype}"
+            )
+        if tensor.device != input.device:
+            raise ValueError(
+                f"{op}: {name} must be on the input's device {input.device}, "
+                f"got {tensor.device}"
+            )
+
+
+def _check_geometry(
+    op: str,
+    input: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int],
+           int]:
+    """Checks what both ops share; returns the four pairs, the output size and P."""
+    kernel = _pair(op, kernel_size, "kernel_size")
+    strides = _pair(op, stride, "stride")
+    pads = _pair(op, padding, "padding")
+    dilations = _pair(op, dilation, "dilation")
+    for name, pair, minimum in (
+        ("kernel_size", kernel, 1),
+        ("stride", strides, 1),
+        ("padding", pads, 0),
+        ("dilation", dilations, 1),
+    ):
+        if pair[0] < minimum or pair[1] < minimum:
+            raise ValueError(f"{op}: {name} must be >= {minimum}, got {tuple(pair)}")
+    for name, value in (("group", group), ("group_channels", group_channels)):
+        if isinstance(value, bool) or not isinstance(value, int | torch.SymInt):
+            raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{op}: {name} must be >= 1, got {value}")
+    _, height, width, channels = input.shape
+    if channels != group * group_channels:
+        raise ValueError(
+            f"{op}: input channels must equal group * group_channels = {group} * "
+            f"{group_channels} = {group * group_channels}, got {channels}"
+        )
+    if height < 1 or width < 1:
+        raise ValueError(f"{op}: input height and width must be >= 1, got ({height}, {width})")
+    if remove_center and kernel[0] * kernel[1] == 1:
+        raise ValueError(
+            f"{op}: remove_center needs a kernel with more than one tap, got kernel_size "
+            f"{kernel}"
+        )
+    if (
+        isinstance(offset_scale, bool) or not isinstance(offset_scale, int | float)
+        or offset_scale != offset_scale or offset_scale in (float("inf"), float("-inf"))
+    ):
+        raise ValueError(f"{op}: offset_scale must be a finite number, got {offset_scale!r}")
+    points = kernel[0] * kernel[1] - int(bool(remove_center))
+    out_h = _output_size(height, kernel[0], strides[0], pads[0], dilations[0])
+    out_w = _output_size(width, kernel[1], strides[1], pads[1], dilations[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"{op}: output size must be >= 1, got ({out_h}, {out_w}) from input "
+            f"({height}, {width}), kernel_size {kernel}, stride {strides}, padding {pads}, "
+            f"dilation {dilations}"
+        )
+    return kernel, strides, pads, dilations, (out_h, out_w), points
+
+
+def _mixed_dtypes_allowed(input: Tensor) -> bool:
+    """Inside an autocast region the op's dispatcher policy makes the dtypes agree."""
+    return torch.is_autocast_enabled(input.device.type)
 
 
 def _check_args(
@@ -89,68 +202,18 @@ def _check_args(
     group_channels: int,
     offset_scale: float,
     remove_center: bool,
-) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], int, int]:
-    """Validates one call; returns the four pairs, the output size and P (points per group)."""
-    for name, tensor in (("input", input), ("offset", offset), ("mask", mask)):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"dcnv3: {name} must be a Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 4:
-            raise ValueError(
-                f"dcnv3: {name} must be 4-D (N, H, W, C), got {tensor.dim()}-D "
-                f"with shape {tuple(tensor.shape)}"
-            )
-    if not input.dtype.is_floating_point:
-        raise TypeError(f"dcnv3: input must be a floating-point tensor, got {input.dtype}")
-    for name, tensor in (("offset", offset), ("mask", mask)):
-        if tensor.dtype != input.dtype:
-            raise TypeError(
-                f"dcnv3: {name} must have the input's dtype {input.dtype}, got {tensor.dtype}"
-            )
-        if tensor.device != input.device:
-            raise ValueError(
-                f"dcnv3: {name} must be on the input's device {input.device}, "
-                f"got {tensor.device}"
-            )
-    kernel = _pair(kernel_size, "kernel_size")
-    strides = _pair(stride, "stride")
-    pads = _pair(padding, "padding")
-    dilations = _pair(dilation, "dilation")
-    for name, pair, minimum in (
-        ("kernel_size", kernel, 1),
-        ("stride", strides, 1),
-        ("padding", pads, 0),
-        ("dilation", dilations, 1),
-    ):
-        if pair[0] < minimum or pair[1] < minimum:
-            raise ValueError(f"dcnv3: {name} must be >= {minimum}, got {tuple(pair)}")
-    for name, value in (("group", group), ("group_channels", group_channels)):
-        if isinstance(value, bool) or not isinstance(value, int | torch.SymInt):
-            raise TypeError(f"dcnv3: {name} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"dcnv3: {name} must be >= 1, got {value}")
-    n, height, width, channels = input.shape
-    if channels != group * group_channels:
-        raise ValueError(
-            f"dcnv3: input channels must equal group * group_channels = {group} * "
-            f"{group_channels} = {group * group_channels}, got {channels}"
-        )
-    if height < 1 or width < 1:
-        raise ValueError(f"dcnv3: input height and width must be >= 1, got ({height}, {width})")
-    if remove_center and kernel[0] * kernel[1] == 1:
-        raise ValueError(
-            f"dcnv3: remove_center needs a kernel with more than one tap, got kernel_size {kernel}"
-        )
-    if not isinstance(offset_scale, int | float) or offset_scale != offset_scale:
-        raise ValueError(f"dcnv3: offset_scale must be a finite number, got {offset_scale!r}")
-    points = kernel[0] * kernel[1] - int(bool(remove_center))
-    out_h = _output_size(height, kernel[0], strides[0], pads[0], dilations[0])
-    out_w = _output_size(width, kernel[1], strides[1], pads[1], dilations[1])
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"dcnv3: output size must be >= 1, got ({out_h}, {out_w}) from input "
-            f"({height}, {width}), kernel_size {kernel}, stride {strides}, padding {pads}, "
-            f"dilation {dilations}"
-        )
+    same_dtype: bool = True,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int],
+           int]:
+    """Validates one dcnv3 call; returns the four pairs, the output size and P."""
+    op = "dcnv3"
+    _check_tensors(op, {"input": input, "offset": offset, "mask": mask}, same_dtype)
+    result = _check_geometry(
+        op, input, kernel_size, stride, padding, dilation, group, group_channels, offset_scale,
+        remove_center,
+    )
+    (out_h, out_w), points = result[4], result[5]
+    n = input.shape[0]
     for name, tensor, last in (
         ("offset", offset, group * points * 2),
         ("mask", mask, group * points),
@@ -158,9 +221,63 @@ def _check_args(
         expected = (n, out_h, out_w, last)
         if tuple(tensor.shape) != expected:
             raise ValueError(
-                f"dcnv3: {name} must have shape {expected}, got {tuple(tensor.shape)}"
+                f"{op}: {name} must have shape {expected}, got {tuple(tensor.shape)}"
             )
-    return kernel, strides, pads, dilations, (out_h, out_w), points
+    return result
+
+
+def _check_dcnv4_args(
+    input: Tensor,
+    offset_mask: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool,
+    same_dtype: bool = True,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int],
+           int]:
+    """Validates one dcnv4 call; returns the four pairs, the output size and P."""
+    op = "dcnv4"
+    _check_tensors(op, {"input": input, "offset_mask": offset_mask}, same_dtype)
+    result = _check_geometry(
+        op, input, kernel_size, stride, padding, dilation, group, group_channels, offset_scale,
+        remove_center,
+    )
+    (out_h, out_w), points = result[4], result[5]
+    n, used = input.shape[0], 3 * group * points
+    shape = tuple(offset_mask.shape)
+    if shape[:3] != (n, out_h, out_w) or shape[3] < used:
+        raise ValueError(
+            f"{op}: offset_mask must have shape ({n}, {out_h}, {out_w}, C) with C >= "
+            f"3 * group * points = 3 * {group} * {points} = {used}, got {shape}"
+        )
+    return result
+
+
+# With autograd off there is nothing for the ops' autograd kernel (registered in Python,
+# below) to record, but the dispatcher would still run it, about ten microseconds of Python
+# per call: eager calls without grad skip it. Same result, outputs never require grad.
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _fast_path(input: Tensor, group: int, group_channels: int) -> bool:
+    """Whether an eager call goes straight to the compiled op, which checks its arguments
+    itself (a failure is then re-checked in Python for an error of the right type)."""
+    return (
+        isinstance(input, Tensor)
+        and input.device.type in _KERNEL_DEVICE_TYPES
+        and _is_int(group)
+        and _is_int(group_channels)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def dcnv3(
@@ -188,12 +305,30 @@ def dcnv3(
         remove_center: drop the centre tap (P = kh * kw - 1).
 
     Returns:
-        ``(N, H_out, W_out, group * group_channels)`` in the input's dtype.
+        ``(N, H_out, W_out, group * group_channels)`` in the input's dtype (the autocast
+        dtype inside an autocast region, unless the input is float64).
     """
-    input, offset, mask = _autocast_inputs(input, offset, mask)
+    if _fast_path(input, group, group_channels):
+        try:
+            if not torch.is_grad_enabled():
+                with _BELOW_AUTOGRAD():  # see _BELOW_AUTOGRAD
+                    return _DCNV3(
+                        input, offset, mask, kernel_size, stride, padding, dilation, group,
+                        group_channels, offset_scale, remove_center,
+                    )
+            return _DCNV3(
+                input, offset, mask, kernel_size, stride, padding, dilation, group,
+                group_channels, offset_scale, remove_center,
+            )
+        except (RuntimeError, TypeError):
+            _check_args(
+                input, offset, mask, kernel_size, stride, padding, dilation, group,
+                group_channels, offset_scale, remove_center, not _mixed_dtypes_allowed(input),
+            )
+            raise
     kernel, strides, pads, dilations, _, _ = _check_args(
         input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
-        offset_scale, remove_center,
+        offset_scale, remove_center, not _mixed_dtypes_allowed(input),
     )
     if not _has_kernel_for(input.device):
         _warn_fallback(input.device)
@@ -207,34 +342,86 @@ def dcnv3(
     )
 
 
-def _autocast_inputs(input: Tensor, offset: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
-    """Autocast policy (the compiled op applies the same one): inside an autocast region, the
-    float32 tensors among input, offset and mask are cast to the autocast dtype, so the op
-    runs in bfloat16/float16 with float32 accumulation; float64 is left alone."""
-    tensors = (input, offset, mask)
-    if not isinstance(input, Tensor) or input.device.type not in ("cpu", "cuda"):
-        return tensors
-    if not torch.is_autocast_enabled(input.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(input.device.type)
-    return tuple(
-        t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors
+def dcnv4(
+    input: Tensor,
+    offset_mask: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool = False,
+) -> Tensor:
+    """DCNv4 core: DCNv3's sampling with one packed, raw offset_mask (see module doc).
+
+    Args:
+        input: ``(N, H_in, W_in, group * group_channels)``.
+        offset_mask: ``(N, H_out, W_out, C)``, ``C >= 3 * group * P``: per group its ``2P``
+            offsets (pairs ordered (x, y)) then its ``P`` mask values (no softmax); the
+            channels from ``3 * group * P`` on are ignored (zero gradient).
+        kernel_size, stride, padding, dilation: an int or an ``(h, w)`` pair.
+        group, group_channels: number of groups and channels per group (any values).
+        offset_scale: scales the learned offsets and the regular kernel grid.
+        remove_center: drop the centre tap (P = kh * kw - 1).
+
+    Returns:
+        ``(N, H_out, W_out, group * group_channels)`` in the input's dtype (the autocast
+        dtype inside an autocast region, unless the input is float64).
+    """
+    if _fast_path(input, group, group_channels):
+        try:
+            if not torch.is_grad_enabled():
+                with _BELOW_AUTOGRAD():  # see _BELOW_AUTOGRAD
+                    return _DCNV4(
+                        input, offset_mask, kernel_size, stride, padding, dilation, group,
+                        group_channels, offset_scale, remove_center,
+                    )
+            return _DCNV4(
+                input, offset_mask, kernel_size, stride, padding, dilation, group,
+                group_channels, offset_scale, remove_center,
+            )
+        except (RuntimeError, TypeError):
+            _check_dcnv4_args(
+                input, offset_mask, kernel_size, stride, padding, dilation, group,
+                group_channels, offset_scale, remove_center, not _mixed_dtypes_allowed(input),
+            )
+            raise
+    kernel, strides, pads, dilations, _, _ = _check_dcnv4_args(
+        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
+        offset_scale, remove_center, not _mixed_dtypes_allowed(input),
+    )
+    if not _has_kernel_for(input.device):
+        _warn_fallback(input.device)
+        return dcnv4_reference(
+            input, offset_mask, kernel, strides, pads, dilations, group, group_channels,
+            offset_scale, remove_center,
+        )
+    return torch.ops.internimage.dcnv4.default(
+        input, offset_mask, list(kernel), list(strides), list(pads), list(dilations),
+        group, group_channels, float(offset_scale), bool(remove_center),
     )
 
 
 def _kernel_device_types() -> frozenset[str]:
-    """Device types the compiled op has kernels for (read once: torch.compile cannot trace it)."""
-    if _EXTENSION_ERROR is not None:
-        return frozenset()
-    keys = {"cpu": "CPU", "cuda": "CUDA"}
-    return frozenset(
-        device
-        for device, key in keys.items()
-        if torch._C._dispatch_has_kernel_for_dispatch_key("internimage::dcnv3", key)
-    ) | {"meta"}  # the fake kernel answers for meta tensors
+    """Device types the compiled ops have kernels for (read once: torch.compile cannot trace
+    it). dcnv3 and dcnv4 come from the same library, so they have the same ones."""
+    if _EXTENSION_ERROR is None:
+        keys = {"cpu": "CPU", "cuda": "CUDA"}
+        return frozenset(
+            device
+            for device, key in keys.items()
+            if torch._C._dispatch_has_kernel_for_dispatch_key("internimage::dcnv3", key)
+        ) | {"meta"}  # the fake kernel answers for meta tensors
+    return frozenset()
 
 
 _KERNEL_DEVICE_TYPES = _kernel_device_types()
+
+if _EXTENSION_ERROR is None:
+    _DCNV3 = torch.ops.internimage.dcnv3.default
+    _DCNV4 = torch.ops.internimage.dcnv4.default
 
 
 def _has_kernel_for(device: torch.device) -> bool:
@@ -251,7 +438,8 @@ def _warn_fallback(device: torch.device) -> None:
     else:
         reason = f"internimage._C was built without kernels for device '{device.type}'"
     warnings.warn(
-        f"internimage: {reason}; DCNv3 falls back to the slow pure-PyTorch reference. "
+        f"internimage: {reason}; dcnv3 and dcnv4 each falls back to its slow pure-PyTorch "
+        f"reference. "
         f"To {_BUILD_HINT}",
         RuntimeWarning,
         stacklevel=3,
@@ -279,12 +467,46 @@ def dcnv3_reference(
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), (out_h, out_w), points = _check_args(
         input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
-        offset_scale, remove_center,
+        offset_scale, remove_center, not _mixed_dtypes_allowed(input),
     )
     return _reference_sampling(
         input, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w, group,
         group_channels, points, offset_scale, remove_center,
     )
+
+
+def dcnv4_reference(
+    input: Tensor,
+    offset_mask: Tensor,
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool = False,
+) -> Tensor:
+    """Pure-PyTorch DCNv4 with the same signature and semantics as :func:`dcnv4`: the packed
+    ``offset_mask`` split into DCNv3's offsets and (raw) mask, then DCNv3's reference
+    sampling. Exact in float64; differentiable by autograd (the padding channels get zero
+    gradient); also the decomposition used for ONNX export."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (out_h, out_w), points = _check_dcnv4_args(
+        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
+        offset_scale, remove_center, not _mixed_dtypes_allowed(input),
+    )
+    offset, mask = _split_offset_mask(offset_mask, group, points)
+    return _reference_sampling(
+        input, offset, mask, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w, group,
+        group_channels, points, offset_scale, remove_center,
+    )
+
+
+def _split_offset_mask(offset_mask: Tensor, group: int, points: int) -> tuple[Tensor, Tensor]:
+    """DCNv4's packed ``(N, H, W, C)`` as DCNv3's offset ``(N, H, W, G, 2P)`` and mask
+    ``(N, H, W, G, P)`` (views; the padding channels are dropped)."""
+    per_group = offset_mask[..., : 3 * group * points].unflatten(-1, [group, 3 * points])
+    return per_group[..., : 2 * points], per_group[..., 2 * points :]
 
 
 def _reference_sampling(
@@ -308,7 +530,8 @@ def _reference_sampling(
     remove_center: bool,
 ) -> Tensor:
     """The computation of :func:`dcnv3_reference` on checked arguments (also compiled by
-    TorchScript, through :func:`_dcnv3_reference_scripted`)."""
+    TorchScript, through :func:`_dcnv3_reference_scripted`). ``offset`` and ``mask`` may have
+    any shape that reshapes to DCNv3's."""
     n, height, width, _ = input.shape
     dtype, device = input.dtype, input.device
     half_h, half_w = dh * (kh - 1) // 2, dw * (kw - 1) // 2
@@ -354,8 +577,8 @@ def _reference_sampling(
 
 
 # ---------------------------------------------------------------------------------------------
-# TorchScript entry points, called by the scripted DCNv3 module (internimage.dcnv3): argument
-# checks are left to the op / the module, whose geometry is valid by construction.
+# TorchScript entry points, called by the scripted DCNv3/DCNv4 modules: argument checks are
+# left to the op / the module, whose geometry is valid by construction.
 
 
 def _dcnv3_reference_scripted(
@@ -383,6 +606,27 @@ def _dcnv3_reference_scripted(
     )
 
 
+def _dcnv4_reference_scripted(
+    input: Tensor,
+    offset_mask: Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> Tensor:
+    """:func:`dcnv4_reference` for TorchScript (see :func:`_dcnv3_reference_scripted`)."""
+    points = kernel_size[0] * kernel_size[1] - int(remove_center)
+    offset, mask = _split_offset_mask(offset_mask, group, points)
+    return _dcnv3_reference_scripted(
+        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
+        offset_scale, remove_center,
+    )
+
+
 if _EXTENSION_ERROR is None:
 
     def _dcnv3_scripted(
@@ -404,14 +648,46 @@ if _EXTENSION_ERROR is None:
             offset_scale, remove_center,
         )
 
+    def _dcnv4_scripted(
+        input: Tensor,
+        offset_mask: Tensor,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        group: int,
+        group_channels: int,
+        offset_scale: float,
+        remove_center: bool,
+    ) -> Tensor:
+        """``torch.ops.internimage.dcnv4`` for TorchScript (the scripted code calls the op)."""
+        return torch.ops.internimage.dcnv4(
+            input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
+            offset_scale, remove_center,
+        )
+
 else:
-    # Without the extension the op does not exist for TorchScript to resolve; like dcnv3,
-    # fall back to the reference (torch.jit.script of a DCNv3 module warns once).
+    # Without the extension the ops do not exist for TorchScript to resolve; like dcnv3 and
+    # dcnv4, fall back to the references (torch.jit.script of a module warns once).
     _dcnv3_scripted = _dcnv3_reference_scripted
+    _dcnv4_scripted = _dcnv4_reference_scripted
 
 
 # ---------------------------------------------------------------------------------------------
-# Registrations for the compiled op: fake kernels (for torch.compile / meta tensors) and autograd.
+# Registrations for the compiled ops: fake kernels (for torch.compile / meta tensors) and
+# autograd. The backward ops have no double backward.
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "dcnv3/dcnv4: double backward (gradients of gradients) is not supported; "
+        "use torch.func or finite differences on dcnv3_reference / dcnv4_reference instead"
+    )
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
 
 if _EXTENSION_ERROR is None:
 
@@ -426,7 +702,7 @@ if _EXTENSION_ERROR is None:
         )
         return input.new_empty((input.shape[0], out_h, out_w, input.shape[3]))
 
-    @torch.library.register_fake("internimage::dcnv3_backward")
+    @torch.library.register_fake("internimage::_dcnv3_backward")
     def _dcnv3_backward_fake(
         grad_output, input, offset, mask, kernel_size, stride, padding, dilation, group,
         group_channels, offset_scale, remove_center,
@@ -437,39 +713,65 @@ if _EXTENSION_ERROR is None:
             mask.new_empty(mask.shape),
         )
 
-    def _setup_context(ctx, inputs, output):
+    def _dcnv3_setup_context(ctx, inputs, output):
         input, offset, mask, *params = inputs
         ctx.save_for_backward(input, offset, mask)
         ctx.params = params
 
-    def _backward(ctx, grad_output):
+    def _dcnv3_backward(ctx, grad_output):
         input, offset, mask = ctx.saved_tensors
-        grad_input, grad_offset, grad_mask = torch.ops.internimage.dcnv3_backward.default(
+        grad_input, grad_offset, grad_mask = torch.ops.internimage._dcnv3_backward.default(
             grad_output, input, offset, mask, *ctx.params
         )
         return (grad_input, grad_offset, grad_mask) + (None,) * len(ctx.params)
 
     torch.library.register_autograd(
-        "internimage::dcnv3", _backward, setup_context=_setup_context
+        "internimage::dcnv3", _dcnv3_backward, setup_context=_dcnv3_setup_context
+    )
+    torch.library.register_autograd(
+        "internimage::_dcnv3_backward", _no_double_backward, setup_context=_no_setup
     )
 
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "dcnv3: double backward (gradients of gradients) is not supported; "
-            "use torch.func or finite differences on dcnv3_reference instead"
+    @torch.library.register_fake("internimage::dcnv4")
+    def _dcnv4_fake(
+        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
+        offset_scale, remove_center=False,
+    ):
+        _, _, _, _, (out_h, out_w), _ = _check_dcnv4_args(
+            input, offset_mask, kernel_size, stride, padding, dilation, group,
+            group_channels, offset_scale, remove_center,
         )
+        return input.new_empty((input.shape[0], out_h, out_w, input.shape[3]))
 
-    def _no_setup(ctx, inputs, output):
-        pass
+    @torch.library.register_fake("internimage::_dcnv4_backward")
+    def _dcnv4_backward_fake(
+        grad_output, input, offset_mask, kernel_size, stride, padding, dilation, group,
+        group_channels, offset_scale, remove_center,
+    ):
+        return input.new_empty(input.shape), offset_mask.new_empty(offset_mask.shape)
+
+    def _dcnv4_setup_context(ctx, inputs, output):
+        input, offset_mask, *params = inputs
+        ctx.save_for_backward(input, offset_mask)
+        ctx.params = params
+
+    def _dcnv4_backward(ctx, grad_output):
+        input, offset_mask = ctx.saved_tensors
+        grad_input, grad_offset_mask = torch.ops.internimage._dcnv4_backward.default(
+            grad_output, input, offset_mask, *ctx.params
+        )
+        return (grad_input, grad_offset_mask) + (None,) * len(ctx.params)
 
     torch.library.register_autograd(
-        "internimage::dcnv3_backward", _no_double_backward, setup_context=_no_setup
+        "internimage::dcnv4", _dcnv4_backward, setup_context=_dcnv4_setup_context
+    )
+    torch.library.register_autograd(
+        "internimage::_dcnv4_backward", _no_double_backward, setup_context=_no_setup
     )
 
-
-# Fused float32 CPU inference ops (internimage.inference, forward only): fake kernels so that
-# torch.compile can trace a model after optimize_for_inference.
-if _EXTENSION_ERROR is None:
+    # Internal forward-only ops of the fused float32 CPU inference path
+    # (internimage.inference): shapes, so that torch.compile can trace a model after
+    # optimize_for_inference.
 
     @torch.library.register_fake("internimage::_dwconv_layernorm_gelu")
     def _dwconv_layernorm_gelu_fake(input, conv_weight, conv_bias, norm_weight, norm_bias, eps):

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the golden folder from the original InternImage code."""
+"""Shared test fixtures: the golden folders from the original InternImage and DCNv4 code."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import pytest
 import torch
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN_FLASH_DIR = GOLDEN_DIR.parent / "golden-flash"
 
 
-def golden_files(pattern: str) -> list[Path]:
+def golden_files(pattern: str, folder: Path = GOLDEN_DIR) -> list[Path]:
     """Golden files matching `pattern`; fails (never skips) when the folder is missing."""
-    files = sorted(GOLDEN_DIR.glob(pattern))
+    files = sorted(folder.glob(pattern))
     if not files:
         raise FileNotFoundError(
-            f"no golden files matching {pattern!r} in {GOLDEN_DIR}: the parity tests need "
-            "../shared/golden beside the repository root"
+            f"no golden files matching {pattern!r} in {folder}: the parity tests need "
+            f"../shared/{folder.name} beside the repository root"
         )
     return files
 

@@ -32,10 +32,18 @@ for group, gc in [(4, 16), (2, 32), (3, 12)]:
     for dtype in (torch.float32, torch.float64):
         args = (value.to(dtype), offset.to(dtype), mask.to(dtype))
         results[f"forward_{group}_{gc}_{dtype}"] = ops.dcnv3(*args, *geometry)
-        results[f"backward_{group}_{gc}_{dtype}"] = ops.dcnv3_backward(
+        results[f"backward_{group}_{gc}_{dtype}"] = ops._dcnv3_backward(
             grad.to(dtype), *args, *geometry)
     results[f"mask_logits_{group}_{gc}"] = ops._dcnv3_mask_logits(
         value.float(), offset.float(), logits.float(), *geometry)
+    # DCNv4: the same numbers packed per group (offsets, then the raw logits), 3 padding channels
+    packed = torch.cat([offset.unflatten(-1, (group, 18)), logits.unflatten(-1, (group, 9))], -1)
+    offset_mask = torch.cat([packed.flatten(-2), torch.randn(2, 7, 9, 3, dtype=torch.float64)], -1)
+    for dtype in (torch.float32, torch.float64):
+        args = (value.to(dtype), offset_mask.to(dtype))
+        results[f"dcnv4_forward_{group}_{gc}_{dtype}"] = ops.dcnv4(*args, *geometry)
+        results[f"dcnv4_backward_{group}_{gc}_{dtype}"] = ops._dcnv4_backward(
+            grad.to(dtype), *args, *geometry)
 x = torch.randn(2, 6, 5, 80)
 results["offset_branch"] = ops._dwconv_layernorm_gelu(
     x, torch.randn(80, 1, 3, 3), torch.randn(80), torch.rand(80) + 0.5, torch.randn(80), 1e-6)

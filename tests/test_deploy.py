@@ -82,7 +82,7 @@ def test_cpu_autocast_bfloat16_backward():
         out = model(make_input(2, 64))
         assert out.dtype == torch.bfloat16
         out.float().square().mean().backward()
-    backward_calls = [d for name, d in recorder.calls if name == "internimage::dcnv3_backward"]
+    backward_calls = [d for name, d in recorder.calls if name == "internimage::_dcnv3_backward"]
     assert len(backward_calls) == 6
     assert all(d == (torch.bfloat16,) * 4 for d in backward_calls)
     for name, param in model.named_parameters():

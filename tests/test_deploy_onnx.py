@@ -163,3 +163,49 @@ def test_export_onnx_argument_errors(tmp_path, kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         export_onnx(**args)
+
+
+class _TinyFlash(torch.nn.Module):
+    """A stem and one residual DCNv4 mixer: enough to export the DCNv4 op on its own."""
+
+    def __init__(self, core_op: str = "DCNv4"):
+        super().__init__()
+        self.in_chans = 3
+        self.stem = torch.nn.Conv2d(3, 32, 4, stride=4)
+        self.dcn = internimage.DCNv4(32, group=2, dw_kernel_size=3, center_feature_scale=True,
+                                     core_op=core_op)
+        self.head = torch.nn.Linear(32, 10)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():  # offsets of about a pixel, so sampling matters
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = x + self.dcn(x)
+        return self.head(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("core_op", ["DCNv4", "DCNv4_pytorch"])
+def test_dcnv4_decomposition_runs_in_onnxruntime(tmp_path, core_op):
+    model = _TinyFlash(core_op).eval()
+    path = export_onnx(model, tmp_path / "flash.onnx", img_size=IMG)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert all(node.domain in ("", "ai.onnx") for node in proto.graph.node)
+    assert "GridSample" in {node.op_type for node in proto.graph.node}
+    assert model.dcn.core_op == core_op
+    assert verify_onnx(model, path, img_size=IMG, batch_sizes=(1, 3)) < 1e-4
+
+
+@needs_op
+def test_dcnv4_custom_op_node(tmp_path):
+    model = _TinyFlash("DCNv4_pytorch")
+    path = export_onnx(model, tmp_path / "flash_custom.onnx", img_size=IMG, custom_op=True)
+    assert model.dcn.core_op == "DCNv4_pytorch"  # switched for the export only
+    proto = onnx.load(str(path))
+    nodes = [n for n in proto.graph.node if n.domain == ONNX_DOMAIN]
+    assert [n.op_type for n in nodes] == [export_module.ONNX_OP_TYPE_DCNV4]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attributes["kernel_size"] == [3, 3] and attributes["group_channels"] == 16
+    assert attributes["remove_center"] == 0 and len(nodes[0].input) == 2

@@ -1,4 +1,5 @@
-"""DCNv3 CUDA kernels: golden files, gradcheck, CUDA against CPU for every dtype, opcheck.
+"""DCNv3 and DCNv4 CUDA kernels: golden files, gradcheck, CUDA against CPU for every dtype,
+opcheck.
 
 Skipped as a whole when CUDA is unavailable; the CPU parity tests live elsewhere and always run.
 """
@@ -12,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from internimage.ops import dcnv3, extension_available, extension_error
+from internimage.ops import dcnv3, dcnv4, extension_available, extension_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN_FLASH_DIR = GOLDEN_DIR.parent / "golden-flash"
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # (rtol, atol relative to the largest expected magnitude) for CUDA against CPU in one dtype.
 # Reduced types: both sides accumulate in float32 and round once, so about one ulp apart.
@@ -94,7 +96,7 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
 
 def run_op(x, offset, mask, grad, params):
     out = torch.ops.internimage.dcnv3.default(x, offset, mask, *params)
-    grads = torch.ops.internimage.dcnv3_backward.default(grad, x, offset, mask, *params)
+    grads = torch.ops.internimage._dcnv3_backward.default(grad, x, offset, mask, *params)
     return (out, *grads)
 
 
@@ -109,7 +111,8 @@ def assert_close_scaled(actual, expected, rtol, atol_rel, name):
 
 def test_cuda_kernels_registered():
     assert extension_available(), f"internimage._C did not load: {extension_error()}"
-    for op in ("internimage::dcnv3", "internimage::dcnv3_backward"):
+    for op in ("internimage::dcnv3", "internimage::_dcnv3_backward", "internimage::dcnv4",
+               "internimage::_dcnv4_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), (
             f"{op} has no CUDA kernel: rebuild with FORCE_CUDA=1 "
             "pip install --no-build-isolation -e ."
@@ -207,7 +210,7 @@ def test_opcheck():
     leaves = [t.requires_grad_() for t in (x, offset, mask)]
     torch.library.opcheck(torch.ops.internimage.dcnv3.default, (*leaves, *case.params()))
     torch.library.opcheck(
-        torch.ops.internimage.dcnv3_backward.default,
+        torch.ops.internimage._dcnv3_backward.default,
         (grad, x.detach(), offset.detach(), mask.detach(), *case.params()),
     )
     fp32 = [t.detach().float() for t in (x, offset, mask)]
@@ -281,10 +284,10 @@ def test_deterministic_mode_alerts_on_backward():
         torch.use_deterministic_algorithms(True)
         torch.ops.internimage.dcnv3.default(x, offset, mask, *case.params())  # forward is fine
         with pytest.raises(RuntimeError, match="dcnv3_backward_cuda"):
-            torch.ops.internimage.dcnv3_backward.default(grad, x, offset, mask, *case.params())
+            torch.ops.internimage._dcnv3_backward.default(grad, x, offset, mask, *case.params())
         torch.use_deterministic_algorithms(True, warn_only=True)
         with pytest.warns(UserWarning, match="dcnv3_backward_cuda"):
-            torch.ops.internimage.dcnv3_backward.default(grad, x, offset, mask, *case.params())
+            torch.ops.internimage._dcnv3_backward.default(grad, x, offset, mask, *case.params())
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
 
@@ -297,7 +300,7 @@ def test_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="mask must have the input's dtype"):
         torch.ops.internimage.dcnv3.default(x, offset, mask.double(), *case.params())
     with pytest.raises(RuntimeError, match="grad_output must have shape"):
-        torch.ops.internimage.dcnv3_backward.default(
+        torch.ops.internimage._dcnv3_backward.default(
             grad[:, :-1], x, offset, mask, *case.params()
         )
 
@@ -324,3 +327,154 @@ def test_int64_indexing():
         for label, b, s in zip(("output", "grad_input", "grad_offset", "grad_mask"), big, small,
                                strict=True):
             torch.testing.assert_close(b[n : n + 1], s, msg=f"batch {n} {label}")
+
+
+# ---------------------------------------------------------------------------------------------
+# DCNv4: the same kernels reading the packed offset_mask
+
+
+def make_dcnv4_inputs(case: Case, dtype: torch.dtype, extra: int = 5, seed: int = 0):
+    """input, offset_mask (per group 2P offsets then P raw mask values, then `extra` padding
+    channels of garbage), grad_output in `dtype` on the CPU (drawn in float64 first)."""
+    gen = torch.Generator().manual_seed(seed)
+    out_h, out_w = case.out_size()
+    f64 = torch.float64
+    x = torch.randn(case.n, case.height, case.width, case.group * case.group_channels,
+                    generator=gen, dtype=f64)
+    offsets = 2 * torch.randn(case.n, out_h, out_w, case.group, 2 * case.points, generator=gen,
+                              dtype=f64)
+    mask = torch.randn(case.n, out_h, out_w, case.group, case.points, generator=gen, dtype=f64)
+    padding = 50 * torch.randn(case.n, out_h, out_w, extra, generator=gen, dtype=f64)
+    offset_mask = torch.cat([torch.cat([offsets, mask], -1).flatten(-2), padding], -1)
+    grad = torch.randn(case.n, out_h, out_w, case.group * case.group_channels, generator=gen,
+                       dtype=f64)
+    return tuple(t.to(dtype) for t in (x, offset_mask, grad))
+
+
+def run_op4(x, offset_mask, grad, params):
+    out = torch.ops.internimage.dcnv4.default(x, offset_mask, *params)
+    grads = torch.ops.internimage._dcnv4_backward.default(grad, x, offset_mask, *params)
+    return (out, *grads)
+
+
+def test_dcnv4_golden_float64():
+    paths = sorted(GOLDEN_FLASH_DIR.glob("op_*.pt"))
+    assert paths, f"op golden files missing in {GOLDEN_FLASH_DIR}"
+    for path in paths:
+        d = torch.load(path, weights_only=True)
+        h = d["hparams"]
+        params = (
+            [h["kernel_h"], h["kernel_w"]], [h["stride_h"], h["stride_w"]],
+            [h["pad_h"], h["pad_w"]], [h["dilation_h"], h["dilation_w"]],
+            h["group"], h["group_channels"], float(h["offset_scale"]), bool(h["remove_center"]),
+        )
+        x, offset_mask, grad = (d[k].cuda() for k in ("input", "offset_mask", "grad_output"))
+        results = run_op4(x, offset_mask, grad, params)
+        for name, actual in zip(("output", "grad_input", "grad_offset_mask"), results,
+                                strict=True):
+            assert actual.device.type == "cuda"
+            torch.testing.assert_close(actual.cpu(), d[name], rtol=1e-10, atol=1e-10, msg=name)
+        assert (results[2][..., h["offset_mask_used_channels"]:] == 0).all()
+        leaves = [t.clone().requires_grad_() for t in (x, offset_mask)]
+        out = dcnv4(*leaves, *params)
+        out.backward(grad)
+        torch.testing.assert_close(out.detach().cpu(), d["output"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(leaves[1].grad.cpu(), d["grad_offset_mask"], rtol=1e-10,
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize("n", (1, 3, 64))
+@pytest.mark.parametrize("group_channels", (8, 16, 32, 64))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dcnv4_cuda_matches_cpu(dtype, group_channels, n):
+    case = Case(n, 5, 6, 2, group_channels)
+    cpu_inputs = make_dcnv4_inputs(case, dtype, seed=group_channels + n)
+    expected = run_op4(*cpu_inputs, case.params())
+    actual = run_op4(*(t.cuda() for t in cpu_inputs), case.params())
+    rtol, atol_rel = TOLERANCES[dtype]
+    for label, a, e in zip(("output", "grad_input", "grad_offset_mask"), actual, expected,
+                           strict=True):
+        assert a.is_cuda and a.shape == e.shape
+        assert_close_scaled(a, e, rtol, atol_rel, f"{dtype}/gc{group_channels}/n{n}/{label}")
+    assert (actual[2][..., 3 * case.group * case.points:] == 0).all()
+
+
+DCNV4_CASES = {
+    "gc3_rc": Case(2, 6, 7, 3, 3, remove_center=True),
+    "gc24_k5x3_scale2": Case(2, 8, 7, 2, 24, kernel=(5, 3), pad=(2, 1), offset_scale=2.0),
+    "gc16_stride2_dil2": Case(2, 9, 8, 4, 16, stride=(2, 2), pad=(2, 2), dilation=(2, 2)),
+    "gc1025": Case(1, 4, 5, 1, 1025),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", DCNV4_CASES)
+def test_dcnv4_cuda_matches_cpu_other_shapes(name, dtype):
+    case = DCNV4_CASES[name]
+    cpu_inputs = make_dcnv4_inputs(case, dtype, extra=3, seed=zlib.crc32(name.encode()))
+    expected = run_op4(*cpu_inputs, case.params())
+    actual = run_op4(*(t.cuda() for t in cpu_inputs), case.params())
+    rtol, atol_rel = TOLERANCES[dtype]
+    for label, a, e in zip(("output", "grad_input", "grad_offset_mask"), actual, expected,
+                           strict=True):
+        assert_close_scaled(a, e, rtol, atol_rel, f"{name}/{dtype}/{label}")
+
+
+def test_dcnv4_runs_dcnv3s_kernels_on_the_split_tensors():
+    case = CASES["gc16"]
+    x, offset_mask, grad = (t.cuda() for t in make_dcnv4_inputs(case, torch.float32, seed=8))
+    per_group = offset_mask[..., : 3 * case.group * case.points].unflatten(
+        -1, (case.group, 3 * case.points))
+    offset = per_group[..., : 2 * case.points].flatten(-2).contiguous()
+    mask = per_group[..., 2 * case.points:].flatten(-2).contiguous()
+    v4 = run_op4(x, offset_mask, grad, case.params())
+    v3 = run_op(x, offset, mask, grad, case.params())
+    assert torch.equal(v4[0], v3[0])  # forward: same kernel, same numbers
+    torch.testing.assert_close(v4[1], v3[1])  # grad_input: atomics, any order
+    grad_per_group = v4[2][..., : 3 * case.group * case.points].unflatten(
+        -1, (case.group, 3 * case.points))
+    assert torch.equal(grad_per_group[..., : 2 * case.points].flatten(-2), v3[2])
+    assert torch.equal(grad_per_group[..., 2 * case.points:].flatten(-2), v3[3])
+
+
+def test_dcnv4_gradcheck_and_opcheck():
+    case = Case(1, 4, 5, 2, 3, stride=(2, 1), remove_center=True)
+    x, offset_mask, grad = (t.cuda() for t in make_dcnv4_inputs(case, torch.float64, seed=12))
+    params = case.params()
+    leaves = tuple(t.clone().requires_grad_() for t in (x, offset_mask))
+    assert torch.autograd.gradcheck(
+        lambda *t: dcnv4(*t, *params), leaves, eps=1e-6, atol=1e-6, nondet_tol=1e-12
+    )
+    torch.library.opcheck(torch.ops.internimage.dcnv4.default, (*leaves, *params))
+    torch.library.opcheck(torch.ops.internimage._dcnv4_backward.default,
+                          (grad, x, offset_mask, *params))
+
+
+@pytest.mark.parametrize("inputs_dtype", (torch.float32, torch.float16), ids=str)
+def test_dcnv4_autocast_bfloat16(inputs_dtype):
+    case = CASES["gc16"]
+    x, offset_mask, _ = (t.cuda().to(inputs_dtype)
+                         for t in make_dcnv4_inputs(case, torch.float32, seed=2))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = dcnv4(x, offset_mask, *case.params())
+    assert out.dtype == torch.bfloat16
+    expected = dcnv4(x.bfloat16(), offset_mask.bfloat16(), *case.params())
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_dcnv4_deterministic_mode_alerts_on_backward_and_errors_name_arguments():
+    case = CASES["gc16"]
+    x, offset_mask, grad = (t.cuda() for t in make_dcnv4_inputs(case, torch.float32))
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.ops.internimage.dcnv4.default(x, offset_mask, *case.params())
+        with pytest.raises(RuntimeError, match="dcnv4_backward_cuda"):
+            torch.ops.internimage._dcnv4_backward.default(grad, x, offset_mask, *case.params())
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+    with pytest.raises(RuntimeError, match="dcnv4: offset_mask must be on the input's device"):
+        torch.ops.internimage.dcnv4.default(x, offset_mask.cpu(), *case.params())
+    with pytest.raises(RuntimeError, match=r"dcnv4: offset_mask must have shape .* C >= "):
+        torch.ops.internimage.dcnv4.default(x, offset_mask[..., :10], *case.params())

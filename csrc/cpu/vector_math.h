@@ -43,6 +43,26 @@ typedef float UnalignedFloatx16 __attribute__((vector_size(64), aligned(4), may_
 #define DCNV3_LOAD16(p) (*reinterpret_cast<const UnalignedFloatx16*>(p))
 #define DCNV3_STORE16(p, v) (*reinterpret_cast<UnalignedFloatx16*>(p) = (v))
 
+// Float vectors of N lanes (4, 8, 16: one SSE, AVX2 or AVX-512 register) and their unaligned,
+// aliasing twins, for kernels compiled once per instruction set with the register width as a
+// template parameter: accumulators wider than a register are not kept in registers by GCC
+// (it spills them to the stack on every update).
+template <int N>
+struct FloatVector {
+  typedef float type __attribute__((vector_size(4 * N)));
+  typedef float unaligned __attribute__((vector_size(4 * N), aligned(4), may_alias));
+};
+
+template <int N>
+DCNV3_ALWAYS_INLINE typename FloatVector<N>::type load_floats(const float* p) {
+  return *reinterpret_cast<const typename FloatVector<N>::unaligned*>(p);
+}
+
+template <int N>
+DCNV3_ALWAYS_INLINE void store_floats(float* p, typename FloatVector<N>::type v) {
+  *reinterpret_cast<typename FloatVector<N>::unaligned*>(p) = v;
+}
+
 // Sum of N values as a pairwise tree: a dependency chain of log2(N) additions instead of N.
 template <int N>
 DCNV3_ALWAYS_INLINE float tree_sum(const float* v) {

@@ -1,5 +1,7 @@
-// CUDA kernels of the DCNv3 operator: forward and backward, float32 / float64 / float16 /
-// bfloat16 (reduced types accumulate in float32), with the CPU kernels' semantics.
+// CUDA kernels of the DCNv3 and DCNv4 operators: forward and backward, float32 / float64 /
+// float16 / bfloat16 (reduced types accumulate in float32), with the CPU kernels' semantics.
+// The two ops share every kernel: they differ only in where a sample's offsets and mask live
+// (OffsetMaskLayout in dcnv3_math.h), which is also where the per-sample math comes from.
 //
 // Thread mapping: a "slot" is one (output pixel, group). Its group_channels are split into
 // vectors of VEC channels (16 bytes when group_channels and pointer alignment allow, else one
@@ -28,7 +30,7 @@
 #include <limits>
 #include <tuple>
 
-#include "../dcnv3.h"
+#include "../checks.h"
 
 namespace internimage {
 namespace {
@@ -89,10 +91,10 @@ __device__ __forceinline__ void atomic_add_channels(double* dst, const double (&
   for (int c = 0; c < VEC; ++c) atomicAdd(dst + c, v[c]);
 }
 
-// Where a slot sits: batch index, output row and column, group.
+// Where a slot sits: flat output pixel, batch index, output row and column, group.
 template <typename index_t>
 struct SlotPosition {
-  index_t n, h_out, w_out;
+  index_t pixel, n, h_out, w_out;
   int group;
 };
 
@@ -103,6 +105,7 @@ __device__ __forceinline__ SlotPosition<index_t> slot_position(const Dcnv3Geomet
   const index_t width_out = static_cast<index_t>(g.width_out);
   const index_t pixels_out = static_cast<index_t>(g.height_out) * width_out;
   SlotPosition<index_t> s;
+  s.pixel = pixel;
   s.group = static_cast<int>(slot - pixel * g.group);
   s.n = pixel / pixels_out;
   const index_t rest = pixel - s.n * pixels_out;
@@ -113,9 +116,10 @@ __device__ __forceinline__ SlotPosition<index_t> slot_position(const Dcnv3Geomet
 
 template <typename scalar_t, int VEC, typename index_t>
 __global__ void __launch_bounds__(kThreads, kForwardMinBlocksPerSm)
-    dcnv3_forward_kernel(const Dcnv3Geometry g, const scalar_t* __restrict__ input,
-                         const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
-                         scalar_t* __restrict__ output, const index_t total, const int lanes_log2) {
+    dcn_forward_kernel(const Dcnv3Geometry g, const OffsetMaskLayout layout,
+                       const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
+                       const scalar_t* __restrict__ mask, scalar_t* __restrict__ output,
+                       const index_t total, const int lanes_log2) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lanes = 1 << lanes_log2;
   const index_t vectors = g.group_channels / VEC;
@@ -129,8 +133,8 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocksPerSm)
     const SlotPosition<index_t> pos = slot_position(g, slot);
     const scalar_t* group_input = input + pos.n * pixels_in * channels +
                                   static_cast<index_t>(pos.group) * g.group_channels;
-    const scalar_t* slot_offset = offset + slot * g.points * 2;
-    const scalar_t* slot_mask = mask + slot * g.points;
+    const scalar_t* slot_offset = offset + layout.offset_index(pos.pixel, pos.group);
+    const scalar_t* slot_mask = mask + layout.mask_index(pos.pixel, pos.group);
 
     for (index_t v = lane; v < vectors; v += lanes) {
       const index_t c0 = v * VEC;
@@ -152,8 +156,8 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocksPerSm)
           load_corner(group_input, s.pixel[1], channels, c0, x1);
           load_corner(group_input, s.pixel[2], channels, c0, x2);
           load_corner(group_input, s.pixel[3], channels, c0, x3);
-          const acc_t w0 = m * s.weight[0], w1 = m * s.weight[1];
-          const acc_t w2 = m * s.weight[2], w3 = m * s.weight[3];
+          const CornerValues<acc_t> w = masked_corner_weights(s.corners, m, s.frac_y, s.frac_x);
+          const acc_t w0 = w.v[0], w1 = w.v[1], w2 = w.v[2], w3 = w.v[3];
 #pragma unroll
           for (int c = 0; c < VEC; ++c) {
             acc[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
@@ -172,7 +176,8 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocksPerSm)
 // the grid) so that whole warps stay in step for the shuffles.
 template <typename scalar_t, int VEC, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    dcnv3_backward_kernel(const Dcnv3Geometry g, const scalar_t* __restrict__ grad_output,
+    dcn_backward_kernel(const Dcnv3Geometry g, const OffsetMaskLayout layout,
+                        const scalar_t* __restrict__ grad_output,
                           const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset,
                           const scalar_t* __restrict__ mask,
                           at::opmath_type<scalar_t>* __restrict__ grad_input,
@@ -196,7 +201,8 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* group_input = input + group_start;
     acc_t* group_grad_input = grad_input + group_start;
     const scalar_t* slot_grad_output = grad_output + slot * g.group_channels;
-    const index_t first_point = slot * g.points;
+    const index_t slot_offset = layout.offset_index(pos.pixel, pos.group);
+    const index_t slot_mask = layout.mask_index(pos.pixel, pos.group);
 
     // The lane's first channel vector of grad_output stays in registers for every point.
     acc_t go_first[VEC] = {};
@@ -211,19 +217,21 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < g.kernel_h; ++j) {
         if (is_removed_centre(g, i, j)) continue;
         const int point_in_slot = p++;
-        const index_t point = first_point + point_in_slot;
+        const index_t point_offset = slot_offset + 2 * point_in_slot;
+        const index_t point_mask = slot_mask + point_in_slot;
         acc_t corner_dot[4] = {};
-        BilinearSample<acc_t> s;
+        BilinearSample<acc_t> s{};  // no corners when inactive
         bool inside = false;
         acc_t m = 0;
         if (active) {
           acc_t loc_x, loc_y;
           sampling_location(g, pos.h_out, pos.w_out, i, j,
-                            static_cast<acc_t>(offset[2 * point]),
-                            static_cast<acc_t>(offset[2 * point + 1]), loc_x, loc_y);
+                            static_cast<acc_t>(offset[point_offset]),
+                            static_cast<acc_t>(offset[point_offset + 1]), loc_x, loc_y);
           inside = bilinear_sample(loc_y, loc_x, g.height_in, g.width_in, s);
-          m = static_cast<acc_t>(mask[point]);
+          m = static_cast<acc_t>(mask[point_mask]);
         }
+        const CornerValues<acc_t> weight = masked_corner_weights(s.corners, m, s.frac_y, s.frac_x);
         if (inside) {
           for (index_t v = lane; v < vectors; v += lanes) {
             const index_t c0 = v * VEC;
@@ -242,7 +250,7 @@ __global__ void __launch_bounds__(kThreads)
               if (s.pixel[k] < 0) continue;
               acc_t x[VEC];
               load_corner(group_input, s.pixel[k], channels, c0, x);
-              const acc_t w = m * s.weight[k];
+              const acc_t w = weight.v[k];
               acc_t dot = 0, add[VEC];
 #pragma unroll
               for (int c = 0; c < VEC; ++c) {
@@ -266,14 +274,15 @@ __global__ void __launch_bounds__(kThreads)
         if (active && lane == (point_in_slot & (lanes - 1))) {
           acc_t d_mask = 0, d_x = 0, d_y = 0;
           if (inside) {
-            const SampleGradients<acc_t> r = sample_gradients(s, corner_dot, m, offset_scale);
+            const SampleGradients<acc_t> r =
+                sample_gradients(s.frac_y, s.frac_x, corner_dot, m, offset_scale);
             d_mask = r.mask;
             d_x = r.offset_x;
             d_y = r.offset_y;
           }
-          grad_mask[point] = static_cast<scalar_t>(d_mask);
-          grad_offset[2 * point] = static_cast<scalar_t>(d_x);
-          grad_offset[2 * point + 1] = static_cast<scalar_t>(d_y);
+          grad_mask[point_mask] = static_cast<scalar_t>(d_mask);
+          grad_offset[point_offset] = static_cast<scalar_t>(d_x);
+          grad_offset[point_offset + 1] = static_cast<scalar_t>(d_y);
         }
       }
     }
@@ -319,29 +328,32 @@ LaunchPlan plan_launch(const Dcnv3Geometry& g, std::initializer_list<const void*
 }
 
 template <typename scalar_t, int VEC, typename index_t>
-void launch_forward(const Dcnv3Geometry& g, const LaunchPlan& plan, const scalar_t* input,
-                    const scalar_t* offset, const scalar_t* mask, scalar_t* output) {
-  dcnv3_forward_kernel<scalar_t, VEC, index_t>
+void launch_forward(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
+                    const LaunchPlan& plan, const scalar_t* input, const scalar_t* offset,
+                    const scalar_t* mask, scalar_t* output) {
+  dcn_forward_kernel<scalar_t, VEC, index_t>
       <<<plan.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          g, input, offset, mask, output, static_cast<index_t>(plan.total), plan.lanes_log2);
+          g, layout, input, offset, mask, output, static_cast<index_t>(plan.total),
+          plan.lanes_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Picks the kernel instance for the plan's vector width and index type.
 template <typename scalar_t>
-void forward(const Dcnv3Geometry& g, const LaunchPlan& plan, const scalar_t* input,
-             const scalar_t* offset, const scalar_t* mask, scalar_t* output) {
+void forward(const Dcnv3Geometry& g, const OffsetMaskLayout& layout, const LaunchPlan& plan,
+             const scalar_t* input, const scalar_t* offset, const scalar_t* mask,
+             scalar_t* output) {
   constexpr int wide = kVectorBytes / sizeof(scalar_t);
   if (plan.vec == wide) {
     if (plan.use_int32) {
-      launch_forward<scalar_t, wide, int32_t>(g, plan, input, offset, mask, output);
+      launch_forward<scalar_t, wide, int32_t>(g, layout, plan, input, offset, mask, output);
     } else {
-      launch_forward<scalar_t, wide, int64_t>(g, plan, input, offset, mask, output);
+      launch_forward<scalar_t, wide, int64_t>(g, layout, plan, input, offset, mask, output);
     }
   } else if (plan.use_int32) {
-    launch_forward<scalar_t, 1, int32_t>(g, plan, input, offset, mask, output);
+    launch_forward<scalar_t, 1, int32_t>(g, layout, plan, input, offset, mask, output);
   } else {
-    launch_forward<scalar_t, 1, int64_t>(g, plan, input, offset, mask, output);
+    launch_forward<scalar_t, 1, int64_t>(g, layout, plan, input, offset, mask, output);
   }
 }
 
@@ -358,106 +370,166 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, int VEC, typename index_t>
-void launch_backward(const Dcnv3Geometry& g, const LaunchPlan& plan,
-                     const BackwardArgs<scalar_t>& a) {
-  dcnv3_backward_kernel<scalar_t, VEC, index_t>
+void launch_backward(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
+                     const LaunchPlan& plan, const BackwardArgs<scalar_t>& a) {
+  dcn_backward_kernel<scalar_t, VEC, index_t>
       <<<plan.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          g, a.grad_output, a.input, a.offset, a.mask, a.grad_input, a.grad_offset, a.grad_mask,
-          static_cast<index_t>(plan.total), static_cast<index_t>(plan.total_padded),
+          g, layout, a.grad_output, a.input, a.offset, a.mask, a.grad_input, a.grad_offset,
+          a.grad_mask, static_cast<index_t>(plan.total), static_cast<index_t>(plan.total_padded),
           plan.lanes_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void backward(const Dcnv3Geometry& g, const LaunchPlan& plan, const BackwardArgs<scalar_t>& a) {
+void backward(const Dcnv3Geometry& g, const OffsetMaskLayout& layout, const LaunchPlan& plan,
+              const BackwardArgs<scalar_t>& a) {
   constexpr int wide = kVectorBytes / sizeof(scalar_t);
   if (plan.vec == wide) {
     if (plan.use_int32) {
-      launch_backward<scalar_t, wide, int32_t>(g, plan, a);
+      launch_backward<scalar_t, wide, int32_t>(g, layout, plan, a);
     } else {
-      launch_backward<scalar_t, wide, int64_t>(g, plan, a);
+      launch_backward<scalar_t, wide, int64_t>(g, layout, plan, a);
     }
   } else if (plan.use_int32) {
-    launch_backward<scalar_t, 1, int32_t>(g, plan, a);
+    launch_backward<scalar_t, 1, int32_t>(g, layout, plan, a);
   } else {
-    launch_backward<scalar_t, 1, int64_t>(g, plan, a);
+    launch_backward<scalar_t, 1, int64_t>(g, layout, plan, a);
   }
 }
 
-at::Tensor dcnv3_forward_cuda(const at::Tensor& input_, const at::Tensor& offset_,
-                              const at::Tensor& mask_, at::IntArrayRef kernel_size,
-                              at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t group, int64_t group_channels,
-                              double offset_scale, bool remove_center) {
-  const Dcnv3Geometry g = check_dcnv3_args(input_, offset_, mask_, kernel_size, stride, padding,
-                                           dilation, group, group_channels, offset_scale,
-                                           remove_center);
+// The forward of either op: the mask starts `mask_offset` elements into `mask` (the mask
+// tensor itself for DCNv3, element 2P of the packed tensor for DCNv4).
+at::Tensor forward_cuda(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
+                        const at::Tensor& input_, const at::Tensor& offset_,
+                        const at::Tensor& mask_, int64_t mask_offset) {
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();
-  const at::Tensor mask = mask_.contiguous();
+  const at::Tensor mask = mask_.is_same(offset_) ? offset : mask_.contiguous();
   at::Tensor output =
       at::empty({g.batch, g.height_out, g.width_out, g.channels()}, input.options());
   if (output.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "dcnv3_forward_cuda", [&] {
+      at::kBFloat16, at::kHalf, input.scalar_type(), "dcn_forward_cuda", [&] {
         const scalar_t* in = input.const_data_ptr<scalar_t>();
         const scalar_t* off = offset.const_data_ptr<scalar_t>();
-        const scalar_t* msk = mask.const_data_ptr<scalar_t>();
+        const scalar_t* msk = mask.const_data_ptr<scalar_t>() + mask_offset;
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
         const LaunchPlan plan = plan_launch<scalar_t>(
-            g, {in, out}, std::max({input.numel(), offset.numel(), output.numel()}),
+            g, {in, out},
+            std::max({input.numel(), offset.numel(), mask.numel(), output.numel()}),
             input.get_device());
-        forward<scalar_t>(g, plan, in, off, msk, out);
+        forward<scalar_t>(g, layout, plan, in, off, msk, out);
       });
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
-    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_,
-    const at::Tensor& mask_, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group, int64_t group_channels,
-    double offset_scale, bool remove_center) {
-  const Dcnv3Geometry g = check_dcnv3_args(input_, offset_, mask_, kernel_size, stride, padding,
-                                           dilation, group, group_channels, offset_scale,
-                                           remove_center);
-  check_grad_output(grad_output_, input_, g);
+// The backward of either op; grad_offset and grad_mask are allocated by the caller (the same
+// tensor for DCNv4) and fully written here, except DCNv4's padding channels.
+at::Tensor backward_cuda(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
+                         const at::Tensor& grad_output_, const at::Tensor& input_,
+                         const at::Tensor& offset, const at::Tensor& mask,
+                         int64_t mask_offset, at::Tensor& grad_offset, at::Tensor& grad_mask,
+                         const char* op) {
   // grad_input is accumulated with atomics in no fixed order.
-  at::globalContext().alertNotDeterministic("dcnv3_backward_cuda");
+  at::globalContext().alertNotDeterministic(op);
   const c10::cuda::CUDAGuard device_guard(input_.device());
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor input = input_.contiguous();
-  const at::Tensor offset = offset_.contiguous();
-  const at::Tensor mask = mask_.contiguous();
   const auto dtype = input.scalar_type();
   const auto acc_dtype = at::toOpMathType(dtype);
   at::Tensor grad_input = at::zeros(input.sizes(), input.options().dtype(acc_dtype));
-  at::Tensor grad_offset = at::empty(offset.sizes(), offset.options());
-  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options());
   if (grad_output.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dcnv3_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dcn_backward_cuda", [&] {
       const BackwardArgs<scalar_t> a{grad_output.const_data_ptr<scalar_t>(),
                                      input.const_data_ptr<scalar_t>(),
                                      offset.const_data_ptr<scalar_t>(),
-                                     mask.const_data_ptr<scalar_t>(),
+                                     mask.const_data_ptr<scalar_t>() + mask_offset,
                                      grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>(),
                                      grad_offset.mutable_data_ptr<scalar_t>(),
-                                     grad_mask.mutable_data_ptr<scalar_t>()};
+                                     grad_mask.mutable_data_ptr<scalar_t>() + mask_offset};
       const LaunchPlan plan = plan_launch<scalar_t>(
           g, {a.grad_output, a.input, a.grad_input},
-          std::max({input.numel(), offset.numel(), grad_output.numel()}), input.get_device());
-      backward<scalar_t>(g, plan, a);
+          std::max({input.numel(), offset.numel(), mask.numel(), grad_output.numel()}),
+          input.get_device());
+      backward<scalar_t>(g, layout, plan, a);
     });
   }
   if (acc_dtype != dtype) grad_input = grad_input.to(dtype);
+  return grad_input;
+}
+
+at::Tensor dcnv3_forward_cuda(const at::Tensor& input, const at::Tensor& offset,
+                              const at::Tensor& mask, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t group, int64_t group_channels,
+                              double offset_scale, bool remove_center) {
+  const Dcnv3Geometry g = check_dcnv3_args(input, offset, mask, kernel_size, stride, padding,
+                                           dilation, group, group_channels, offset_scale,
+                                           remove_center);
+  return forward_cuda(g, OffsetMaskLayout::separate(g.group, g.points), input, offset, mask,
+                      0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset_,
+    const at::Tensor& mask_, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group, int64_t group_channels,
+    double offset_scale, bool remove_center) {
+  const Dcnv3Geometry g = check_dcnv3_args(input, offset_, mask_, kernel_size, stride, padding,
+                                           dilation, group, group_channels, offset_scale,
+                                           remove_center);
+  check_grad_output(grad_output, input, g);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const at::Tensor offset = offset_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  at::Tensor grad_offset = at::empty(offset.sizes(), offset.options());
+  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options());
+  at::Tensor grad_input =
+      backward_cuda(g, OffsetMaskLayout::separate(g.group, g.points), grad_output, input,
+                    offset, mask, 0, grad_offset, grad_mask, "dcnv3_backward_cuda");
   return {grad_input, grad_offset, grad_mask};
+}
+
+at::Tensor dcnv4_forward_cuda(const at::Tensor& input, const at::Tensor& offset_mask,
+                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t group,
+                              int64_t group_channels, double offset_scale, bool remove_center) {
+  const Dcnv3Geometry g = check_dcnv4_args(input, offset_mask, kernel_size, stride, padding,
+                                           dilation, group, group_channels, offset_scale,
+                                           remove_center);
+  return forward_cuda(g, OffsetMaskLayout::packed(g.points, offset_mask.size(3)), input,
+                      offset_mask, offset_mask, 2 * g.points);
+}
+
+std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset_mask_,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t group, int64_t group_channels, double offset_scale,
+    bool remove_center) {
+  const Dcnv3Geometry g = check_dcnv4_args(input, offset_mask_, kernel_size, stride, padding,
+                                           dilation, group, group_channels, offset_scale,
+                                           remove_center);
+  check_grad_output(grad_output, input, g, "dcnv4");
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const at::Tensor offset_mask = offset_mask_.contiguous();
+  at::Tensor grad = at::empty(offset_mask.sizes(), offset_mask.options());
+  const int64_t used = 3 * static_cast<int64_t>(g.group) * g.points;
+  if (offset_mask.size(3) > used) grad.narrow(3, used, offset_mask.size(3) - used).zero_();
+  at::Tensor grad_input =
+      backward_cuda(g, OffsetMaskLayout::packed(g.points, offset_mask.size(3)), grad_output,
+                    input, offset_mask, offset_mask, 2 * g.points, grad, grad,
+                    "dcnv4_backward_cuda");
+  return {grad_input, grad};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(internimage, CUDA, m) {
   m.impl("dcnv3", &dcnv3_forward_cuda);
-  m.impl("dcnv3_backward", &dcnv3_backward_cuda);
+  m.impl("_dcnv3_backward", &dcnv3_backward_cuda);
+  m.impl("dcnv4", &dcnv4_forward_cuda);
+  m.impl("_dcnv4_backward", &dcnv4_backward_cuda);
 }
 
 }  // namespace internimage
