@@ -30,7 +30,7 @@ import logging
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -63,6 +63,7 @@ from internimage.dcnv3 import (
 
 __all__ = [
     "InternImage",
+    "InternImageBase",
     "InternImageStem",
     "InternImageDownsample",
     "InternImageMlp",
@@ -172,7 +173,8 @@ class InternImageDownsample(nn.Module):
 
 class InternImageMlp(nn.Module):
     """fc1 -> act -> dropout -> fc2 -> dropout on the last dimension (the original MLPLayer):
-    ``(..., dim)`` -> ``(..., dim)``."""
+    ``(..., dim)`` -> ``(..., dim)``. ``fc2_bias``: False for FlashInternImage without
+    ``mlp_fc2_bias`` (InternImage's fc2 always has one)."""
 
     def __init__(
         self,
@@ -180,13 +182,14 @@ class InternImageMlp(nn.Module):
         hidden: int,
         act_layer: str | type[nn.Module] = "GELU",
         drop: float = 0.0,
+        fc2_bias: bool = True,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.act = get_act_layer(act_layer)()
-        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, dim, bias=fc2_bias, device=device, dtype=dtype)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -195,11 +198,14 @@ class InternImageMlp(nn.Module):
 
 
 class InternImageBlock(nn.Module):
-    """InternImage layer: DCNv3 token mixer and MLP, each with a residual.
+    """InternImage layer: a deformable-convolution token mixer and an MLP, each with a residual.
 
     Input and output ``(N, C, H, W)`` NCHW with channels_last memory; the mixer and the MLP
     (and the norms around them) run on the channels-last view ``(N, H, W, C)``, as in the
-    original. Residual branches, in the original's order of precedence:
+    original. The mixer is ``dcn_layer(channels=dim, kernel_size=3, stride=1, pad=dilation,
+    dilation=dilation, dw_dilation=dilation, group=group, **dcn_kwargs)``: :class:`DCNv3`
+    for InternImage, :class:`~internimage.DCNv4` for FlashInternImage, which otherwise share
+    this block. Residual branches, in the original's order of precedence:
 
     * ``layer_scale`` set: ``x + dp(gamma1 * norm1(dcn(x)))`` with ``post_norm``, else
       ``x + dp(gamma1 * dcn(norm1(x)))`` (``res_post_norm`` is then ignored, as in the
@@ -209,7 +215,7 @@ class InternImageBlock(nn.Module):
     * otherwise: ``x + dp(dcn(norm1(x)))``;
 
     and the same pattern for the MLP with ``norm2`` / ``gamma2`` / ``res_post_norm2``.
-    ``dilation`` dilates the DCNv3 sampling grid and its offset branch's depthwise conv (the
+    ``dilation`` dilates the DCN sampling grid and its offset branch's depthwise conv (the
     dilated stages of ``output_stride`` 8 and 16; 1 in the original).
     """
 
@@ -224,32 +230,27 @@ class InternImageBlock(nn.Module):
         drop: float = 0.0,
         drop_path: float = 0.0,
         act_layer: str | type[nn.Module] = "GELU",
-        norm_layer: str = "LN",
         post_norm: bool = False,
         layer_scale: float | None = None,
-        offset_scale: float = 1.0,
-        dw_kernel_size: int | None = None,
         res_post_norm: bool = False,
-        center_feature_scale: bool = False,
-        remove_center: bool = False,
-        core_op: str = "DCNv3",
+        mlp_fc2_bias: bool = True,
         dilation: int = 1,
+        dcn_layer: Callable[..., nn.Module] = DCNv3,
+        dcn_kwargs: Mapping[str, Any] | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
-        self.dcn = DCNv3(
-            channels=dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=dilation,
-            dilation=dilation, group=group, offset_scale=offset_scale, act_layer=act_layer,
-            norm_layer=norm_layer, center_feature_scale=center_feature_scale,
-            remove_center=remove_center, core_op=core_op, dw_dilation=dilation, **dd,
+        self.dcn = dcn_layer(
+            channels=dim, kernel_size=3, stride=1, pad=dilation, dilation=dilation,
+            dw_dilation=dilation, group=group, **(dcn_kwargs or {}), **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
         self.mlp = InternImageMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop,
-                                  **dd)
+                                  fc2_bias=mlp_fc2_bias, **dd)
         self.layer_scale_init = layer_scale
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
@@ -347,8 +348,8 @@ class InternImageStage(_StaysEvalWhenFrozen):
             if downsample else nn.Identity()
         )
         self.blocks = nn.Sequential(*[
-            InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], norm_layer=norm_layer,
-                             dilation=dilation, **block_kwargs, **dd)
+            InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], dilation=dilation,
+                             **block_kwargs, **dd)
             for i in range(depth)
         ])
         if post_norm_block_ids:
@@ -879,81 +880,57 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-class InternImage(nn.Module):
-    """InternImage with the original constructor's keywords plus timm's.
+class InternImageBase(nn.Module):
+    """The network and timm API shared by :class:`InternImage` and
+    :class:`~internimage.FlashInternImage`; build one of those, not this class.
 
-    Original keywords (defaults as in the original ``InternImage.__init__``): ``core_op``
-    ('DCNv3' compiled kernels or 'DCNv3_pytorch' reference), ``channels``, ``depths``,
-    ``groups``, ``num_classes``, ``mlp_ratio``, ``drop_rate`` (dropout after the stem and in
-    the MLPs, as in the original), ``drop_path_rate``, ``drop_path_type`` ('linear' or
-    'uniform'), ``act_layer``, ``norm_layer``, ``layer_scale``, ``offset_scale``,
-    ``post_norm``, ``cls_scale``, ``with_cp`` (gradient checkpointing), ``dw_kernel_size``,
-    ``use_clip_projector``, ``level2_post_norm``, ``level2_post_norm_block_ids``,
-    ``res_post_norm``, ``center_feature_scale``, ``remove_center``, and ``meta_dim`` of the
-    original's iNaturalist model type (``intern_image_meta_former``): None (default) builds no
-    metadata head; an int builds :class:`MetadataHead` of that width (64 in the original).
-
-    timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
-    the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
-    ``output_stride`` (32, or 16 / 8 for dense prediction: the later stages keep the
-    resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
-    branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
-    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``frozen_stages`` (the
-    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``. Unknown
-    keywords raise ``TypeError``, as timm requires (the original ignores them silently);
-    invalid values raise ``ValueError`` / ``TypeError`` naming the argument, the expected and
-    the given value.
-
-    Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
-    ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
-    ``(N, 1024, H/16, W/16)`` map (clip head, ``num_features = 1024``).
-    ``forward_head(pre_logits=True)`` gives the original ``forward_features`` vector
-    (width ``head_hidden_size``: ``int(8C * cls_scale)`` or 768).
-
-    With a metadata head, ``forward(x, temporal, spatial)`` returns image logits plus metadata
-    logits; ``temporal`` ``(N, 4)`` and ``spatial`` ``(N, 3)`` are optional (missing ones are
-    zeros, the original's encoding of missing metadata; :func:`encode_inat_metadata` builds
-    them). A model without one raises ValueError when metadata is given.
+    The two families differ only in their token mixer (``dcn_layer`` built with ``dcn_kwargs``
+    in every block, see :class:`InternImageBlock`) and the MLP's ``fc2`` bias; the stem,
+    stages, heads, stochastic depth, ``output_stride``, ``frozen_stages`` and the timm methods
+    are this class's. The keywords are the families' (see :class:`InternImage`); invalid
+    values raise ``ValueError`` / ``TypeError`` naming the argument, the expected and the
+    given value.
     """
 
     def __init__(
         self,
-        core_op: str = "DCNv3",
-        channels: int = 64,
-        depths: Sequence[int] = (3, 4, 18, 5),
-        groups: Sequence[int] = (3, 6, 12, 24),
-        num_classes: int = 1000,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        drop_path_type: str = "linear",
-        act_layer: str | type[nn.Module] = "GELU",
-        norm_layer: str = "LN",
-        layer_scale: float | None = None,
-        offset_scale: float = 1.0,
-        post_norm: bool = False,
-        cls_scale: float = 1.5,
-        with_cp: bool = False,
-        dw_kernel_size: int | None = None,
-        use_clip_projector: bool = False,
-        level2_post_norm: bool = False,
-        level2_post_norm_block_ids: Sequence[int] | None = None,
-        res_post_norm: bool = False,
-        center_feature_scale: bool = False,
-        remove_center: bool = False,
-        meta_dim: int | None = None,
-        in_chans: int = 3,
-        global_pool: str | None = None,
-        output_stride: int = 32,
-        frozen_stages: int = -1,
-        head_drop_rate: float = 0.0,
+        *,
+        dcn_layer: type[nn.Module],
+        dcn_kwargs: Mapping[str, Any],
+        core_op: str,
+        channels: int,
+        depths: Sequence[int],
+        groups: Sequence[int],
+        num_classes: int,
+        mlp_ratio: float,
+        drop_rate: float,
+        drop_path_rate: float,
+        drop_path_type: str,
+        act_layer: str | type[nn.Module],
+        norm_layer: str,
+        layer_scale: float | None,
+        offset_scale: float,
+        post_norm: bool,
+        cls_scale: float,
+        with_cp: bool,
+        mlp_fc2_bias: bool,
+        dw_kernel_size: int | None,
+        use_clip_projector: bool,
+        level2_post_norm: bool,
+        level2_post_norm_block_ids: Sequence[int] | None,
+        res_post_norm: bool,
+        center_feature_scale: bool,
+        meta_dim: int | None,
+        in_chans: int,
+        global_pool: str | None,
+        output_stride: int,
+        frozen_stages: int,
+        head_drop_rate: float,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if core_op not in CORE_OPS:
-            raise ValueError(f"core_op must be one of {list(CORE_OPS)}, got {core_op!r}")
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
             raise ValueError(f"channels must be an int >= 2, got {channels!r}")
         depths = _as_list("depths", depths)
@@ -1027,6 +1004,7 @@ class InternImage(nn.Module):
         else:
             dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
         level_norm = not post_norm or center_feature_scale
+        dcn_kwargs = dict(dcn_kwargs, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size)
         stages = []
         self.feature_info = []
         in_chs = channels
@@ -1050,11 +1028,9 @@ class InternImage(nn.Module):
                 ),
                 norm_layer=norm_layer, mlp_ratio=mlp_ratio, drop=drop_rate,
                 act_layer=act_layer, post_norm=post_norm, layer_scale=layer_scale,
-                offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
-                res_post_norm=res_post_norm, center_feature_scale=center_feature_scale,
-                remove_center=remove_center, core_op=core_op,
+                res_post_norm=res_post_norm, mlp_fc2_bias=mlp_fc2_bias,
                 downsample_stride=downsample_stride, downsample_dilation=downsample_dilation,
-                dilation=dilation, **dd,
+                dilation=dilation, dcn_layer=dcn_layer, dcn_kwargs=dcn_kwargs, **dd,
             ))
             self.feature_info.append(
                 dict(num_chs=out_chs, reduction=reduction, module=f"stages.{i}")
@@ -1085,7 +1061,7 @@ class InternImage(nn.Module):
 
         self.apply(self._init_weights)
         for module in self.modules():
-            if isinstance(module, DCNv3):
+            if isinstance(module, dcn_layer):
                 module.reset_parameters()
         if with_cp:
             self.set_grad_checkpointing(True)
@@ -1294,6 +1270,99 @@ class InternImage(nn.Module):
         """``(N, in_chans, H, W)`` images (and optional metadata, see :meth:`forward_head`)
         -> logits."""
         return self.forward_head(self.forward_features(x), temporal=temporal, spatial=spatial)
+
+
+class InternImage(InternImageBase):
+    """InternImage with the original constructor's keywords plus timm's.
+
+    Original keywords (defaults as in the original ``InternImage.__init__``): ``core_op``
+    ('DCNv3' compiled kernels or 'DCNv3_pytorch' reference), ``channels``, ``depths``,
+    ``groups``, ``num_classes``, ``mlp_ratio``, ``drop_rate`` (dropout after the stem and in
+    the MLPs, as in the original), ``drop_path_rate``, ``drop_path_type`` ('linear' or
+    'uniform'), ``act_layer``, ``norm_layer``, ``layer_scale``, ``offset_scale``,
+    ``post_norm``, ``cls_scale``, ``with_cp`` (gradient checkpointing), ``dw_kernel_size``,
+    ``use_clip_projector``, ``level2_post_norm``, ``level2_post_norm_block_ids``,
+    ``res_post_norm``, ``center_feature_scale``, ``remove_center``, and ``meta_dim`` of the
+    original's iNaturalist model type (``intern_image_meta_former``): None (default) builds no
+    metadata head; an int builds :class:`MetadataHead` of that width (64 in the original).
+
+    timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
+    the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
+    ``output_stride`` (32, or 16 / 8 for dense prediction: the later stages keep the
+    resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
+    branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
+    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``frozen_stages`` (the
+    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``. Unknown
+    keywords raise ``TypeError``, as timm requires (the original ignores them silently);
+    invalid values raise ``ValueError`` / ``TypeError`` naming the argument, the expected and
+    the given value.
+
+    Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
+    ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
+    ``(N, 1024, H/16, W/16)`` map (clip head, ``num_features = 1024``).
+    ``forward_head(pre_logits=True)`` gives the original ``forward_features`` vector
+    (width ``head_hidden_size``: ``int(8C * cls_scale)`` or 768).
+
+    With a metadata head, ``forward(x, temporal, spatial)`` returns image logits plus metadata
+    logits; ``temporal`` ``(N, 4)`` and ``spatial`` ``(N, 3)`` are optional (missing ones are
+    zeros, the original's encoding of missing metadata; :func:`encode_inat_metadata` builds
+    them). A model without one raises ValueError when metadata is given.
+    """
+
+    def __init__(
+        self,
+        core_op: str = "DCNv3",
+        channels: int = 64,
+        depths: Sequence[int] = (3, 4, 18, 5),
+        groups: Sequence[int] = (3, 6, 12, 24),
+        num_classes: int = 1000,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        drop_path_type: str = "linear",
+        act_layer: str | type[nn.Module] = "GELU",
+        norm_layer: str = "LN",
+        layer_scale: float | None = None,
+        offset_scale: float = 1.0,
+        post_norm: bool = False,
+        cls_scale: float = 1.5,
+        with_cp: bool = False,
+        dw_kernel_size: int | None = None,
+        use_clip_projector: bool = False,
+        level2_post_norm: bool = False,
+        level2_post_norm_block_ids: Sequence[int] | None = None,
+        res_post_norm: bool = False,
+        center_feature_scale: bool = False,
+        remove_center: bool = False,
+        meta_dim: int | None = None,
+        in_chans: int = 3,
+        global_pool: str | None = None,
+        output_stride: int = 32,
+        frozen_stages: int = -1,
+        head_drop_rate: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if core_op not in CORE_OPS:
+            raise ValueError(f"core_op must be one of {list(CORE_OPS)}, got {core_op!r}")
+        super().__init__(
+            dcn_layer=DCNv3,
+            # dw_kernel_size None: DCNv3's own default (its kernel size)
+            dcn_kwargs=dict(act_layer=act_layer, norm_layer=norm_layer,
+                            center_feature_scale=center_feature_scale,
+                            remove_center=remove_center, core_op=core_op),
+            core_op=core_op, channels=channels, depths=depths, groups=groups,
+            num_classes=num_classes, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate, drop_path_type=drop_path_type, act_layer=act_layer,
+            norm_layer=norm_layer, layer_scale=layer_scale, offset_scale=offset_scale,
+            post_norm=post_norm, cls_scale=cls_scale, with_cp=with_cp, mlp_fc2_bias=True,
+            dw_kernel_size=dw_kernel_size, use_clip_projector=use_clip_projector,
+            level2_post_norm=level2_post_norm,
+            level2_post_norm_block_ids=level2_post_norm_block_ids, res_post_norm=res_post_norm,
+            center_feature_scale=center_feature_scale, meta_dim=meta_dim, in_chans=in_chans,
+            global_pool=global_pool, output_stride=output_stride, frozen_stages=frozen_stages,
+            head_drop_rate=head_drop_rate, device=device, dtype=dtype,
+        )
 
 
 def dcn_offset_param_names(model: nn.Module) -> list[str]:
