@@ -30,7 +30,7 @@ import logging
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -1520,10 +1520,42 @@ def _head_22k_to_1k(key: str, value: Tensor, target: Tensor) -> Tensor | None:
     return value.index_select(0, imagenet22k_to_1k_indices().to(value.device))
 
 
+# A key of each family's DCN modules: DCNv3's separate offset projection (and input_proj),
+# DCNv4's packed offset_mask projection.
+_FAMILY_KEYS = (
+    (re.compile(r"\.dcn\.(offset|input_proj)\.weight$"), "InternImage (DCNv3)",
+     "internimage_* (internimage.InternImage)"),
+    (re.compile(r"\.dcn\.offset_mask\.weight$"), "FlashInternImage (DCNv4)",
+     "flash_internimage_* (internimage.FlashInternImage)"),
+)
+
+
+def _family(keys: Iterable[str]) -> tuple[str, str, str] | None:
+    """``(family, builder, a key)`` of the first DCN key among ``keys``, or None."""
+    for key in keys:
+        for pattern, family, builder in _FAMILY_KEYS:
+            if pattern.search(key):
+                return family, builder, key
+    return None
+
+
+def _check_family(state_dict: Mapping[str, Any], model: nn.Module) -> None:
+    """ValueError when ``state_dict`` holds the DCN modules of the other family than
+    ``model``'s."""
+    ours, theirs = _family(model.state_dict()), _family(state_dict)
+    if ours is not None and theirs is not None and ours[0] != theirs[0]:
+        raise ValueError(
+            f"the checkpoint is a {theirs[0]} state dict (it has '{theirs[2]}'), the model "
+            f"a {ours[0]} (it has '{ours[2]}'): build {theirs[1]} for this checkpoint"
+        )
+
+
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: nn.Module | None = None
 ) -> dict[str, Any]:
-    """Converts an original InternImage state dict into this model's layout.
+    """Converts an original InternImage or FlashInternImage state dict into this package's
+    layout (the two families' keys differ only inside the DCN modules, whose names are the
+    original ones).
 
     Accepts the raw state dict or one under 'model' / 'state_dict' / 'module', strips
     ``module.``, ``_orig_mod.``, ``backbone.`` and ``student.`` prefixes and the transformers
@@ -1542,7 +1574,9 @@ def checkpoint_filter_fn(
     ``map22kto1k.txt``) when the model has 1000 classes. Other head sizes are left as they
     are (timm drops a head whose size differs from the pretrained cfg's). A model without a
     metadata head (no ``meta_dim``) gets the image network of a meta-former checkpoint (the
-    iNaturalist H): its ``meta_head.*`` keys are dropped.
+    iNaturalist H): its ``meta_head.*`` keys are dropped. A state dict of the other family
+    (DCNv3 keys for a FlashInternImage model, or DCNv4 keys for an InternImage) is a
+    ValueError that names both.
     """
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -1553,6 +1587,7 @@ def checkpoint_filter_fn(
     if model is None:
         return out
 
+    _check_family(out, model)
     if getattr(model, "meta_head", None) is None:  # e.g. the iNat file into a plain model
         out = {k: v for k, v in out.items() if not k.startswith("meta_head.")}
     model_state = model.state_dict()
@@ -1588,7 +1623,7 @@ def _check_out_indices(out_indices: Any, levels: int) -> None:
     if isinstance(out_indices, int) and not isinstance(out_indices, bool):
         if not 0 < out_indices <= levels:
             raise ValueError(
-                f"out_indices as an int takes the last n of InternImage's {levels} stages, "
+                f"out_indices as an int takes the last n of the model's {levels} stages, "
                 f"so 1..{levels}, got {out_indices}")
         return
     indices = list(out_indices)
@@ -1596,13 +1631,18 @@ def _check_out_indices(out_indices: Any, levels: int) -> None:
            or not -levels <= i < levels]
     if bad or not indices:
         raise ValueError(
-            f"out_indices must index InternImage's {levels} stages (0..{levels - 1}, strides "
+            f"out_indices must index the model's {levels} stages (0..{levels - 1}, strides "
             f"4, 8, 16, 32), got {tuple(indices)}; DETR-style configs use (1, 2, 3, 4) for "
             f"ResNet's five levels (stem included): pass out_indices=(1, 2, 3) for the same "
             f"strides 8, 16, 32")
 
 
-def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
+def _create_model(
+    model_cls: type[InternImageBase], variant: str, pretrained: bool = False, **kwargs: Any
+) -> InternImageBase:
+    """timm's ``build_model_with_cfg`` for ``model_cls`` (:class:`InternImage` or
+    :class:`~internimage.FlashInternImage`) with this package's checkpoint filter and
+    feature config; a 22k tag loaded into a 1000-class model gets the 1k rows of its head."""
     if kwargs.get("features_only") and kwargs.get("out_indices") is not None:
         _check_out_indices(kwargs["out_indices"], len(kwargs.get("depths", (0,) * 4)))
     if pretrained and kwargs.get("num_classes") == IN1K_NUM_CLASSES:
@@ -1614,7 +1654,7 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -
             kwargs["pretrained_cfg_overlay"] = dict(
                 kwargs.get("pretrained_cfg_overlay") or {}, num_classes=IN1K_NUM_CLASSES)
     return build_model_with_cfg(
-        InternImage,
+        model_cls,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -1647,9 +1687,12 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
 _HUB = "OpenGVLab/InternImage"
 
 
-def _hub(filename: str, size: int, stride: int = 32, **kwargs: Any) -> dict[str, Any]:
+def _hub(filename: str, size: int, stride: int = 32, hf_hub_id: str = _HUB,
+         **kwargs: Any) -> dict[str, Any]:
+    """The cfg of a released checkpoint ``filename`` on the hub repo ``hf_hub_id``, evaluated
+    at ``size``; ``kwargs`` override :func:`_cfg`'s entries (FlashInternImage's paper)."""
     return _cfg(
-        hf_hub_id=_HUB, hf_hub_filename=filename, input_size=(3, size, size),
+        hf_hub_id=hf_hub_id, hf_hub_filename=filename, input_size=(3, size, size),
         pool_size=(size // stride, size // stride), **kwargs,
     )
 
@@ -1711,8 +1754,8 @@ _VARIANTS["h_meta"] = dict(_VARIANTS["h"], meta_dim=64)
 
 def _variant(name: str, pretrained: bool, kwargs: dict[str, Any]) -> InternImage:
     model_args = dict(_VARIANTS[name], drop_path_rate=0.0)
-    return _create_internimage(f"internimage_{name}", pretrained=pretrained,
-                               **dict(model_args, **kwargs))
+    return _create_model(InternImage, f"internimage_{name}", pretrained=pretrained,
+                         **dict(model_args, **kwargs))
 
 
 @register_model
