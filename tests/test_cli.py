@@ -148,6 +148,19 @@ def test_flops_of_the_dcnv3_op_and_giant_models_on_meta() -> None:
     assert 2.6e12 < g["macs"] < 2.8e12  # README: 2700G at 512
 
 
+def test_flops_of_the_dcnv4_op_and_flash_internimage() -> None:
+    from internimage.dcnv4 import DCNv4
+    from internimage.flops import count_flops, model_complexity
+
+    with torch.device("meta"):
+        module = DCNv4(channels=64, group=4)
+    module_flops = count_flops(module, (14, 14, 64))["by_op"]
+    assert module_flops["internimage.dcnv4"] == 2 * 5 * 14 * 14 * 64 * 9  # as DCNv3 samples
+    t = model_complexity("flash_internimage_t")
+    assert t["params"] == 29_815_528 and t["flops_by_op"]["internimage.dcnv4"] > 0
+    assert 4.8e9 < t["macs"] < 5.0e9  # InternImage-T's 5 GMACs, less the offset branch
+
+
 def test_models_unknown_filter(capsys: pytest.CaptureFixture) -> None:
     code, _, err = run(["models", "--filter", "resnet"], capsys)
     assert_one_line_error(code, err, "models", "--filter")
