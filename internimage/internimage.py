@@ -1368,7 +1368,9 @@ class InternImage(InternImageBase):
 def dcn_offset_param_names(model: nn.Module) -> list[str]:
     """Names of the parameters the original fine-tuning recipe trains at ``DCN_LR_MUL`` (0.1)
     times the LR: those containing ``offset`` or ``center_feature_scale_proj`` (the original
-    also lists ``attention_weights`` and ``alpha_beta``, absent from these models)."""
+    also lists ``attention_weights`` and ``alpha_beta``, absent from these models). In
+    FlashInternImage that is the packed ``offset_mask`` projection (its mask rows included)
+    and ``offset_mask_dw``, as the DCNv4 repository's training code matches them too."""
     keys = ("offset", "center_feature_scale_proj", "attention_weights", "alpha_beta")
     return [name for name, _ in model.named_parameters() if any(k in name for k in keys)]
 
@@ -1523,9 +1525,9 @@ def _head_22k_to_1k(key: str, value: Tensor, target: Tensor) -> Tensor | None:
 # A key of each family's DCN modules: DCNv3's separate offset projection (and input_proj),
 # DCNv4's packed offset_mask projection.
 _FAMILY_KEYS = (
-    (re.compile(r"\.dcn\.(offset|input_proj)\.weight$"), "InternImage (DCNv3)",
+    (re.compile(r"\.dcn\.(offset|input_proj)\.weight$"), "an InternImage (DCNv3)",
      "internimage_* (internimage.InternImage)"),
-    (re.compile(r"\.dcn\.offset_mask\.weight$"), "FlashInternImage (DCNv4)",
+    (re.compile(r"\.dcn\.offset_mask\.weight$"), "a FlashInternImage (DCNv4)",
      "flash_internimage_* (internimage.FlashInternImage)"),
 )
 
@@ -1545,8 +1547,8 @@ def _check_family(state_dict: Mapping[str, Any], model: nn.Module) -> None:
     ours, theirs = _family(model.state_dict()), _family(state_dict)
     if ours is not None and theirs is not None and ours[0] != theirs[0]:
         raise ValueError(
-            f"the checkpoint is a {theirs[0]} state dict (it has '{theirs[2]}'), the model "
-            f"a {ours[0]} (it has '{ours[2]}'): build {theirs[1]} for this checkpoint"
+            f"this is {theirs[0]} state dict (key '{theirs[2]}'), the model is {ours[0]}: "
+            f"build {theirs[1]} for it"
         )
 
 

@@ -159,11 +159,13 @@ def load_golden_flash(name: str) -> dict:
 def test_filter_names_the_family_of_a_mismatched_checkpoint() -> None:
     flash = load_golden_flash("model_flash_t_like.pt")
     dcnv3 = load_golden("model_t_like.pt")
-    with pytest.raises(ValueError, match=r"FlashInternImage \(DCNv4\) state dict .* the model "
-                                         r"a InternImage \(DCNv3\) .* build flash_internimage_"):
+    with pytest.raises(ValueError, match=r"this is a FlashInternImage \(DCNv4\) state dict "
+                                         r".*, the model is an InternImage \(DCNv3\): build "
+                                         r"flash_internimage_\* "):
         checkpoint_filter_fn(flash["state_dict"], InternImage(**dcnv3["config"]))
-    with pytest.raises(ValueError, match=r"InternImage \(DCNv3\) state dict .* the model a "
-                                         r"FlashInternImage \(DCNv4\) .* build internimage_"):
+    with pytest.raises(ValueError, match=r"this is an InternImage \(DCNv3\) state dict .*, the "
+                                         r"model is a FlashInternImage \(DCNv4\): build "
+                                         r"internimage_\* "):
         checkpoint_filter_fn(dcnv3["state_dict"], FlashInternImage(**flash["config"]))
 
 
