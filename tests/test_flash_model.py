@@ -270,3 +270,69 @@ def test_forward_takes_no_metadata_and_trains() -> None:
     # the zero-initialised offset_mask projection gets a gradient: the DCN is live
     grad = model.stages[0].blocks[0].dcn.offset_mask.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+# --- registration, pretrained cfgs, TorchScript and torch.compile ---------------------------
+
+RELEASED = {  # the DCNv4 README's classification checkpoints (golden-flash README, section 7)
+    "flash_internimage_t.in1k": ("flash_intern_image_t_1k_224.pth", 224),
+    "flash_internimage_s.in1k": ("flash_intern_image_s_1k_224.pth", 224),
+    "flash_internimage_b.in1k": ("flash_intern_image_b_1k_224.pth", 224),
+    "flash_internimage_l.in22k_ft_in1k_384": ("flash_internimage_l_22kto1k_384.pth", 384),
+}
+
+
+def test_registered_models_and_pretrained_cfgs() -> None:
+    names = [f"flash_internimage_{v}" for v in "tsbl"]
+    assert sorted(timm.list_models("flash_internimage*")) == sorted(names)
+    assert sorted(timm.list_models(module="flash_internimage")) == sorted(names)
+    assert sorted(timm.list_models("flash_internimage*", pretrained=True)) == sorted(RELEASED)
+    for tag, (filename, size) in RELEASED.items():
+        cfg = timm.models.get_pretrained_cfg(tag).to_dict()
+        assert (cfg["hf_hub_id"], cfg["hf_hub_filename"]) == ("OpenGVLab/DCNv4", filename)
+        assert cfg["input_size"] == (3, size, size) and cfg["pool_size"] == (size // 32,) * 2
+        assert cfg["num_classes"] == 1000 and cfg["crop_pct"] == 1.0
+        assert cfg["interpolation"] == "bicubic" and cfg["license"] == "mit"
+        assert cfg["paper_ids"] == "arXiv:2401.06197"
+        assert cfg["origin_url"] == "https://github.com/OpenGVLab/DCNv4"
+        assert (cfg["first_conv"], cfg["classifier"]) == ("stem.conv1", "head.fc")
+
+
+def scripting(model: torch.nn.Module) -> torch.jit.ScriptModule:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.14
+        return torch.jit.script(model)
+
+
+@pytest.mark.parametrize("core_op", ["DCNv4", "DCNv4_pytorch"])
+def test_torchscript_script_matches_eager(core_op: str) -> None:
+    golden = load_golden_flash("model_flash_l_like.pt")
+    model = build(golden, core_op, torch.float32)
+    scripted = scripting(model)
+    ops = str(scripted.inlined_graph).count("internimage::dcnv4")
+    assert ops == (sum(golden["config"]["depths"]) if core_op == "DCNv4" else 0)
+    x = golden["input"].float()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_torch_compile_fullgraph_forward_backward() -> None:
+    torch.manual_seed(0)
+    model = FlashInternImage(channels=32, depths=[1, 1], groups=[2, 4], num_classes=10,
+                             dw_kernel_size=3, layer_scale=1.0, post_norm=True,
+                             drop_path_rate=0.0)  # (the constructor's default is 0.2)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DCNv4):
+                torch.nn.init.normal_(module.offset_mask.weight, std=0.1)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    expected = model(x)
+    expected.square().sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, grad_x, rtol=1e-5, atol=1e-6)
