@@ -258,12 +258,6 @@ def _check_dcnv4_args(
     return result
 
 
-# With autograd off there is nothing for the ops' autograd kernel (registered in Python,
-# below) to record, but the dispatcher would still run it, about ten microseconds of Python
-# per call: eager calls without grad skip it. Same result, outputs never require grad.
-_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
-
-
 def _is_int(value: object) -> bool:
     return type(value) is int
 
@@ -310,12 +304,6 @@ def dcnv3(
     """
     if _fast_path(input, group, group_channels):
         try:
-            if not torch.is_grad_enabled():
-                with _BELOW_AUTOGRAD():  # see _BELOW_AUTOGRAD
-                    return _DCNV3(
-                        input, offset, mask, kernel_size, stride, padding, dilation, group,
-                        group_channels, offset_scale, remove_center,
-                    )
             return _DCNV3(
                 input, offset, mask, kernel_size, stride, padding, dilation, group,
                 group_channels, offset_scale, remove_center,
@@ -372,12 +360,6 @@ def dcnv4(
     """
     if _fast_path(input, group, group_channels):
         try:
-            if not torch.is_grad_enabled():
-                with _BELOW_AUTOGRAD():  # see _BELOW_AUTOGRAD
-                    return _DCNV4(
-                        input, offset_mask, kernel_size, stride, padding, dilation, group,
-                        group_channels, offset_scale, remove_center,
-                    )
             return _DCNV4(
                 input, offset_mask, kernel_size, stride, padding, dilation, group,
                 group_channels, offset_scale, remove_center,

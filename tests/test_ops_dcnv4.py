@@ -345,8 +345,6 @@ def test_autocast_policy(op, case):
     with torch.autocast("cpu", dtype=autocast_dtype):
         out = fn(*tensors, *args)
         raw = getattr(torch.ops.internimage, op).default(*op_sample(tensors, args))
-        with torch.no_grad():  # the wrappers' no-grad dispatch keeps the policy
-            assert fn(*tensors, *args).dtype == expected_dtype
     assert out.dtype == raw.dtype == expected_dtype
     # The same as casting every tensor to the op's dtype by hand, outside autocast.
     expected = fn(*(t.to(expected_dtype) for t in tensors), *args)
