@@ -21,6 +21,10 @@ Layout (timm style, see ``checkpoint_filter_fn`` for the mapping from the origin
 Memory layout: stage inputs and outputs are NCHW tensors with channels_last memory; inside a
 stage activations are contiguous NHWC, so every Linear runs without a permute and each
 ``permute`` between the two is a free view. ``forward_features`` returns the NCHW final map.
+
+The network and the timm API live in :class:`InternImageBase`, which takes the blocks' token
+mixer as an argument: :class:`InternImage` builds it with DCNv3, FlashInternImage
+(``flash_internimage.py``) with DCNv4; ``checkpoint_filter_fn`` serves both families.
 """
 
 # No ``from __future__ import annotations`` here: torch.fx copies the root ``forward``'s
