@@ -1,7 +1,9 @@
-"""InternImage (CVPR 2023) and its DCNv3 operator for PyTorch and timm.
+"""InternImage (CVPR 2023) and FlashInternImage (CVPR 2024), with their DCNv3 and DCNv4
+operators, for PyTorch and timm.
 
-Importing the package registers the timm models ``internimage_t/s/b/l/xl/h/g`` and
-``internimage_h_meta`` (H with the iNaturalist metadata head). The functional
+Importing the package registers the timm models ``internimage_t/s/b/l/xl/h/g``,
+``internimage_h_meta`` (H with the iNaturalist metadata head) and
+``flash_internimage_t/s/b/l``. The functional
 ops live in :mod:`internimage.ops` (``internimage.ops.dcnv3``, ``internimage.ops.dcnv4``);
 ``internimage.dcnv3`` and ``internimage.dcnv4`` are the module files holding the
 :class:`DCNv3` layer of InternImage and the :class:`DCNv4` layer of FlashInternImage.
@@ -11,6 +13,7 @@ from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
 from internimage.dcnv3 import DCNv3
 from internimage.dcnv4 import DCNv4
 from internimage.export import export_onnx
+from internimage.flash_internimage import FlashInternImage
 from internimage.inference import optimize_for_inference
 from internimage.internimage import (
     InternImage,
@@ -27,6 +30,7 @@ __all__ = [
     "DCNv3",
     "DCNv4",
     "InternImage",
+    "FlashInternImage",
     "MetadataHead",
     "encode_inat_metadata",
     "checkpoint_filter_fn",

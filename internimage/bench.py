@@ -1,11 +1,12 @@
-"""``internimage bench``: times the DCNv3 op and a model against a timm baseline in one run.
+"""``internimage bench``: times the DCN op and a model against a timm baseline in one run.
 
 Two parts, each case timed the same way (warm-up iterations, then up to ``--iters`` timed
 iterations or until ``--budget`` seconds have passed, whichever comes first; the median is
 reported):
 
-1. the DCNv3 op, compiled kernels (``torch.ops.internimage.dcnv3``) vs the pure-PyTorch
-   reference (``internimage.ops.dcnv3_reference``), at the model's four stage shapes for the
+1. the model's DCN op (DCNv3 for InternImage, DCNv4 for FlashInternImage), compiled kernels
+   (``torch.ops.internimage.dcnv3`` / ``dcnv4``) vs the pure-PyTorch reference
+   (``internimage.ops.dcnv3_reference`` / ``dcnv4_reference``), at the model's stage shapes for the
    chosen batch and image size;
 2. the model (``internimage_t`` by default) vs a timm baseline (``convnext_tiny``): images/s,
    latency per batch, peak memory, parameters and GMACs, and the ratios.
@@ -153,12 +154,14 @@ class Case:
 
 
 def dcn_stage_shapes(model: nn.Module, img_size: int) -> list[dict[str, Any]]:
-    """The DCNv3 geometry of each InternImage stage at ``img_size`` (first block's module)."""
+    """The DCN geometry of each stage at ``img_size`` (first block's module): ``op`` is
+    'DCNv3' or 'DCNv4' (FlashInternImage, with its ``offset_mask`` width)."""
     from internimage.dcnv3 import DCNv3
+    from internimage.dcnv4 import DCNv4
 
     shapes = []
     for index, stage in enumerate(getattr(model, "stages", [])):
-        dcn = next((m for m in stage.modules() if isinstance(m, DCNv3)), None)
+        dcn = next((m for m in stage.modules() if isinstance(m, DCNv3 | DCNv4)), None)
         if dcn is None:
             continue
         size = -(-img_size // 4)
@@ -166,31 +169,40 @@ def dcn_stage_shapes(model: nn.Module, img_size: int) -> list[dict[str, Any]]:
             size = -(-size // 2)
         shapes.append(dict(stage=index, size=size, channels=dcn.channels, group=dcn.group,
                            group_channels=dcn.group_channels, kernel=dcn.kernel_size,
-                           offset_scale=dcn.offset_scale, remove_center=dcn.remove_center))
+                           offset_scale=dcn.offset_scale, remove_center=dcn.remove_center,
+                           op=type(dcn).__name__))
+        if isinstance(dcn, DCNv4):
+            shapes[-1]["offset_mask_channels"] = dcn.offset_mask.out_features
     return shapes
 
 
 def _op_case(shape: dict[str, Any], impl: str, batch: int, dtype: torch.dtype,
              device: torch.device, train: bool) -> Case:
-    from internimage.ops import dcnv3, dcnv3_reference
+    from internimage import ops
 
-    op = dcnv3 if impl == "compiled" else dcnv3_reference
+    dcnv4 = shape["op"] == "DCNv4"
+    name = "dcnv4" if dcnv4 else "dcnv3"
+    op = getattr(ops, name if impl == "compiled" else f"{name}_reference")
     k, g, gc_, size = shape["kernel"], shape["group"], shape["group_channels"], shape["size"]
     points = k * k - int(shape["remove_center"])
 
     def setup() -> Callable[[], Any]:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, size, size, g * gc_, generator=gen).to(device, dtype)
-        offset = torch.randn(batch, size, size, g * points * 2, generator=gen).to(device, dtype)
-        mask = torch.softmax(torch.randn(batch, size, size, g, points, generator=gen), -1)
-        mask = mask.flatten(-2).to(device, dtype)
+        if dcnv4:  # one packed tensor: per group 2P offsets, P raw mask values, padding
+            sampling = [torch.randn(batch, size, size, shape["offset_mask_channels"],
+                                    generator=gen).to(device, dtype)]
+        else:
+            offset = torch.randn(batch, size, size, g * points * 2, generator=gen)
+            mask = torch.softmax(torch.randn(batch, size, size, g, points, generator=gen), -1)
+            sampling = [offset.to(device, dtype), mask.flatten(-2).to(device, dtype)]
         args = (k, 1, (k - 1) // 2, 1, g, gc_, shape["offset_scale"], shape["remove_center"])
         if not train:
             def step() -> Any:
                 with torch.no_grad():
-                    return op(x, offset, mask, *args)
+                    return op(x, *sampling, *args)
             return step
-        leaves = [t.detach().requires_grad_() for t in (x, offset, mask)]
+        leaves = [t.detach().requires_grad_() for t in (x, *sampling)]
         grad = torch.randn(batch, size, size, g * gc_, generator=gen).to(device, dtype)
 
         def train_step() -> Any:
@@ -404,7 +416,9 @@ def parse_paths(value: str | None, train: bool, cpu_float32: bool = True) -> lis
     return list(dict.fromkeys(paths))
 
 
-def _is_internimage(name: str) -> bool:
+def _optimizable(name: str) -> bool:
+    """Whether optimize_for_inference has fused kernels for the model: InternImage (DCNv3)
+    only; it leaves FlashInternImage's DCNv4 modules as they are."""
     return name.split(".")[0].startswith("internimage_")
 
 
@@ -449,8 +463,8 @@ def run_bench(args: argparse.Namespace) -> int:
     model_names = [args.model] + ([compare] if compare else [])
     for name in model_names:
         for path in paths:
-            if "optimized" in path and not _is_internimage(name):
-                continue  # the transform is this package's; baselines run eager and compiled
+            if "optimized" in path and not _optimizable(name):
+                continue  # nothing to fuse: baselines and FlashInternImage run as built
             cases.append(model_case(name, path, args.batch_size, img_size, dtype, device,
                                      args.train, args.channels_last))
 
@@ -518,7 +532,7 @@ def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[
                      "'compiled' op timings are the pure-PyTorch fallback")
     op_cases = [c for c in cases if c.part == "op"]
     if not op_cases and not args.skip_op:
-        lines += ["", f"DCNv3 op: skipped ({args.model} has no DCNv3 stages)"]
+        lines += ["", f"DCN op: skipped ({args.model} has no DCNv3 / DCNv4 stages)"]
     if op_cases:
         rows = []
         by_stage: dict[int, dict[str, Case]] = {}
@@ -538,8 +552,8 @@ def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[
                 _cell(ref, lambda c: _mib(c.peak_bytes)),
             ])
         mode = "forward+backward" if args.train else "forward"
-        lines += ["", f"DCNv3 op ({mode}) at {args.model}'s stage shapes: compiled kernels vs "
-                      "pure-PyTorch reference", format_table(
+        lines += ["", f"{info['op']} op ({mode}) at {args.model}'s stage shapes: compiled "
+                      "kernels vs pure-PyTorch reference", format_table(
                           ["stage", "input (N, H, W, C)", "compiled ms", "reference ms",
                            "speed-up", "compiled peak MiB", "reference peak MiB"],
                           rows, align="llrrrrr")]

@@ -1,13 +1,13 @@
-"""Checkpoints: safe loading of original InternImage files, strict loading into a model,
-safetensors saving and conversion.
+"""Checkpoints: safe loading of original InternImage and FlashInternImage files, strict
+loading into a model, safetensors saving and conversion.
 
-Original ``.pth`` files (``OpenGVLab/InternImage`` on the Hugging Face hub) are a dict with the
-state dict under ``'model'``; training checkpoints also carry optimizer state and a pickled
-yacs ``config``, which loads as a plain dict through an inert stand-in
-(:data:`ORIGINAL_CHECKPOINT_GLOBALS`). Loading is always ``torch.load(weights_only=True)``: a
-file that pickles any other Python global is refused with an error that names the globals
-and offers only safe ways out, because unpickling arbitrary objects can execute code from the
-file.
+Original ``.pth`` files (``OpenGVLab/InternImage`` and ``OpenGVLab/DCNv4`` on the Hugging Face
+hub) are a dict with the state dict under ``'model'``; training checkpoints also carry
+optimizer state and a pickled yacs ``config``, which loads as a plain dict through an inert
+stand-in (:data:`ORIGINAL_CHECKPOINT_GLOBALS`). Loading is always
+``torch.load(weights_only=True)``: a file that pickles any other Python global is refused with
+an error that names the globals and offers only safe ways out, because unpickling arbitrary
+objects can execute code from the file.
 """
 
 from __future__ import annotations
@@ -352,19 +352,23 @@ def load_weights(
 ) -> list[str]:
     """Loads (original-layout or converted) weights into ``model``, strictly.
 
-    The keys pass through :func:`internimage.checkpoint_filter_fn` for InternImage models.
-    With ``allow_head_reset`` a classifier of another size is skipped (the model keeps its
-    freshly initialised head); the returned notes say so.
+    The keys pass through :func:`internimage.checkpoint_filter_fn` for InternImage and
+    FlashInternImage models. With ``allow_head_reset`` a classifier of another size is skipped
+    (the model keeps its freshly initialised head); the returned notes say so.
 
     Raises:
         CheckpointMismatchError: a missing or unexpected key or a shape mismatch (named, with
-            ``source``), or a classifier of another size without ``allow_head_reset``.
+            ``source``), a checkpoint of the other family, or a classifier of another size
+            without ``allow_head_reset``.
     """
-    from internimage.internimage import InternImage
+    from internimage.internimage import InternImageBase
 
     notes: list[str] = []
-    if isinstance(model, InternImage):
-        state_dict = checkpoint_filter_fn(state_dict, model)
+    if isinstance(model, InternImageBase):
+        try:
+            state_dict = checkpoint_filter_fn(state_dict, model)
+        except ValueError as error:  # e.g. a FlashInternImage checkpoint for an InternImage
+            raise CheckpointMismatchError(f"{source}: {error}") from error
     state_dict = dict(state_dict)
     target = model.state_dict()
     classifier = _classifier_prefix(model)
@@ -440,7 +444,8 @@ def convert_checkpoint(
     Args:
         src: original ``.pth`` (raw state dict or under 'model' / 'state_dict' / 'module').
         dst: output ``.safetensors`` path (parent directories are created).
-        model_name: a registered InternImage variant, e.g. 'internimage_b'.
+        model_name: a registered InternImage or FlashInternImage variant, e.g.
+            'internimage_b' or 'flash_internimage_b'.
         use_ema: take 'model_ema' instead of 'model' when the file has both.
         safe_globals: see :func:`load_checkpoint_file`.
         **model_kwargs: extra model arguments (e.g. a non-default architecture).
@@ -459,7 +464,10 @@ def convert_checkpoint(
     model_kwargs.setdefault("num_classes", checkpoint_num_classes(state_dict) or 0)
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False, **model_kwargs)
-    state_dict = checkpoint_filter_fn(state_dict, model)
+    try:
+        state_dict = checkpoint_filter_fn(state_dict, model)
+    except ValueError as error:  # a checkpoint of the other family
+        raise CheckpointMismatchError(str(error)) from error
     missing, unexpected, mismatched = state_dict_mismatches(state_dict, model.state_dict())
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(

@@ -40,6 +40,8 @@ __all__ = [
 
 #: Name of the bare :class:`internimage.InternImage` class, built from ``model.kwargs`` alone.
 CUSTOM_MODEL = "internimage"
+#: The bare classes of both families, by name: ``model.kwargs`` alone give the architecture.
+CUSTOM_MODELS = {CUSTOM_MODEL: "InternImage", "flash_internimage": "FlashInternImage"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,39 +66,45 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def known_model_names() -> list[str]:
-    """The registered InternImage variants."""
+    """The registered variants of both families (InternImage, FlashInternImage)."""
     import timm
 
-    return timm.list_models("internimage_*")
+    return timm.list_models(["internimage_*", "flash_internimage_*"])
 
 
 def check_model_name(name: str, option: str = "--model") -> str:
-    """Accepts a registered timm model (any family; tags allowed) or ``'internimage'``."""
+    """Accepts a registered timm model (any family; tags allowed) or a bare class name
+    (``'internimage'``, ``'flash_internimage'``)."""
     import timm
 
     if not isinstance(name, str) or not name:
         raise CommandError(f"{option}: expected a model name, got {name!r}")
-    if name == CUSTOM_MODEL:
+    if name in CUSTOM_MODELS:
         return name
     arch = name.split(".", 1)[0]
     if not timm.is_model(arch):
+        custom = " or ".join(f"'{n}'" for n in CUSTOM_MODELS)
         raise CommandError(
             f"{option}: unknown model {name!r}; expected one of {', '.join(known_model_names())}, "
-            f"'{CUSTOM_MODEL}' (architecture from model.kwargs) or another timm model name"
+            f"{custom} (architecture from model.kwargs) or another timm model name"
         )
     return name
 
 
-def _check_custom_kwargs(kwargs: Mapping[str, Any]) -> None:
+def _custom_class(name: str) -> type[nn.Module]:
+    import internimage
+
+    return getattr(internimage, CUSTOM_MODELS[name])
+
+
+def _check_custom_kwargs(cls: type[nn.Module], kwargs: Mapping[str, Any]) -> None:
     import inspect
 
-    from internimage.internimage import InternImage
-
-    allowed = set(inspect.signature(InternImage.__init__).parameters) - {"self", "kwargs"}
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise CommandError(
-            f"model.kwargs: unknown InternImage argument(s) {unknown}; expected some of "
+            f"model.kwargs: unknown {cls.__name__} argument(s) {unknown}; expected some of "
             f"{sorted(allowed)}"
         )
 
@@ -108,7 +116,8 @@ def build_model(
     device: torch.device | str | None = None,
     pretrained: bool = False,
 ) -> nn.Module:
-    """Builds ``name`` with timm (registered models) or :class:`InternImage` (``'internimage'``).
+    """Builds ``name`` with timm (registered models) or the bare class (``'internimage'``:
+    :class:`InternImage`, ``'flash_internimage'``: :class:`FlashInternImage`).
 
     ``num_classes`` None keeps the model's default. Bad names or arguments raise
     :class:`CommandError`.
@@ -120,25 +129,26 @@ def build_model(
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     try:
-        if name == CUSTOM_MODEL:
-            from internimage.internimage import InternImage
-
-            _check_custom_kwargs(kwargs)
+        if name in CUSTOM_MODELS:
+            cls = _custom_class(name)
+            _check_custom_kwargs(cls, kwargs)
             with torch.device(device or "cpu"):
-                model = InternImage(**kwargs)
-            model.pretrained_cfg = custom_pretrained_cfg(model)
+                model = cls(**kwargs)
+            model.pretrained_cfg = custom_pretrained_cfg(model, architecture=name)
             return model
         return timm.create_model(name, pretrained=pretrained, device=device, **kwargs)
     except (TypeError, ValueError) as error:
         raise CommandError(f"model {name!r} with {kwargs}: {one_line(error)}") from error
 
 
-def custom_pretrained_cfg(model: nn.Module, img_size: int = 224) -> dict[str, Any]:
-    """A ``pretrained_cfg`` for a bare InternImage (what ``resolve_data_config`` reads)."""
+def custom_pretrained_cfg(model: nn.Module, img_size: int = 224,
+                          architecture: str = CUSTOM_MODEL) -> dict[str, Any]:
+    """A ``pretrained_cfg`` for a bare InternImage or FlashInternImage (what
+    ``resolve_data_config`` reads)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     return dict(
-        architecture=CUSTOM_MODEL, input_size=(3, img_size, img_size), interpolation="bicubic",
+        architecture=architecture, input_size=(3, img_size, img_size), interpolation="bicubic",
         crop_pct=1.0, crop_mode="center", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         num_classes=getattr(model, "num_classes", 0), first_conv="stem.conv1",
         classifier="head.fc",

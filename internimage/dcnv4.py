@@ -157,6 +157,9 @@ class DCNv4(nn.Module):
         without_pointwise: no ``value_proj`` / ``output_proj``.
         core_op: 'DCNv4' (compiled kernels, pure-PyTorch fallback when unavailable) or
             'DCNv4_pytorch' (always the pure-PyTorch reference).
+        dw_dilation: dilation of ``offset_mask_dw`` (1 in the original, whose ``dilation``
+            applies to the core only); FlashInternImage's dilated stages (``output_stride`` 8
+            or 16) dilate both alike.
     """
 
     __constants__ = ["core_op"]
@@ -176,12 +179,14 @@ class DCNv4(nn.Module):
         output_bias: bool = True,
         without_pointwise: bool = False,
         core_op: str = "DCNv4",
+        dw_dilation: int = 1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         channels = _check_int("channels", channels, 1)
+        dw_dilation = _check_int("dw_dilation", dw_dilation, 1)
         kernel_size = _check_int("kernel_size", kernel_size, 1)
         stride = _check_int("stride", stride, 1)
         pad = _check_int("pad", pad, 0)
@@ -247,7 +252,8 @@ class DCNv4(nn.Module):
         # Absent layers are identities: no parameters (so the state dict is the original's),
         # and the forward calls every layer as a module.
         self.offset_mask_dw = (
-            nn.Conv2d(channels, channels, dw_kernel_size, padding=(dw_kernel_size - 1) // 2,
+            nn.Conv2d(channels, channels, dw_kernel_size,
+                      padding=dw_dilation * (dw_kernel_size - 1) // 2, dilation=dw_dilation,
                       groups=channels, **dd)
             if dw_kernel_size is not None else nn.Identity()
         )

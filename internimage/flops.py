@@ -2,8 +2,9 @@
 counted in seconds).
 
 Counting uses :class:`torch.utils.flop_counter.FlopCounterMode`, which knows matmuls and
-convolutions. Importing this module registers formulas for the DCNv3 op
-(``torch.ops.internimage.dcnv3`` and its backward), so the deformable sampling is counted too:
+convolutions. Importing this module registers formulas for the DCNv3 and DCNv4 ops
+(``torch.ops.internimage.dcnv3`` / ``dcnv4`` and their backwards), so the deformable sampling
+is counted too (the two ops sample alike; DCNv4 reads its offsets and mask from one tensor):
 
 * forward: per output element (``N * H_out * W_out * C``) and per sampling point ``P``, a
   bilinear interpolation (4 multiply-adds) and the mask weighting (1 multiply-add), i.e.
@@ -57,6 +58,26 @@ def _register() -> None:
         @register_flop_formula(backward_op)
         def _dcnv3_backward(grad_shape, input_shape, offset_shape, mask_shape, kernel_size,
                             stride, padding, dilation, group, group_channels, offset_scale,
+                            remove_center, *, out_shape=None, **kwargs) -> int:
+            return 2 * dcnv3_flops(grad_shape, kernel_size, remove_center)
+
+    if not hasattr(torch.ops.internimage, "dcnv4"):
+        return
+    dcnv4_op = torch.ops.internimage.dcnv4
+    dcnv4_backward_op = torch.ops.internimage._dcnv4_backward
+    if dcnv4_op not in flop_registry:
+
+        @register_flop_formula(dcnv4_op)
+        def _dcnv4_forward(input_shape, offset_mask_shape, kernel_size, stride, padding,
+                           dilation, group, group_channels, offset_scale, remove_center=False,
+                           *, out_shape=None, **kwargs) -> int:
+            return dcnv3_flops(out_shape, kernel_size, remove_center)
+
+    if dcnv4_backward_op not in flop_registry:
+
+        @register_flop_formula(dcnv4_backward_op)
+        def _dcnv4_backward(grad_shape, input_shape, offset_mask_shape, kernel_size, stride,
+                            padding, dilation, group, group_channels, offset_scale,
                             remove_center, *, out_shape=None, **kwargs) -> int:
             return 2 * dcnv3_flops(grad_shape, kernel_size, remove_center)
 

@@ -26,6 +26,11 @@ Which fused kernels it uses was measured (docs/benchmarks.md): only those that m
 fastest path faster by 3 % or more. The transform is idempotent, and applies to every variant,
 ``features_only`` models and the clip head; DCNv3 modules it has no kernel for (a BatchNorm or
 non-GELU offset branch, ``core_op='DCNv3_pytorch'``) are left as they are.
+
+FlashInternImage's :class:`~internimage.DCNv4` modules are left as they are too: their offset
+branch has no norm or activation and their mask no softmax, so there is nothing for these
+kernels to fuse. For a FlashInternImage model the transform only returns the eval-mode,
+frozen copy (outputs bit-identical to the model's); ``torch.compile`` is its faster path.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ Layout (timm style, see ``checkpoint_filter_fn`` for the mapping from the origin
 Memory layout: stage inputs and outputs are NCHW tensors with channels_last memory; inside a
 stage activations are contiguous NHWC, so every Linear runs without a permute and each
 ``permute`` between the two is a free view. ``forward_features`` returns the NCHW final map.
+
+The network and the timm API live in :class:`InternImageBase`, which takes the blocks' token
+mixer as an argument: :class:`InternImage` builds it with DCNv3, FlashInternImage
+(``flash_internimage.py``) with DCNv4; ``checkpoint_filter_fn`` serves both families.
 """
 
 # No ``from __future__ import annotations`` here: torch.fx copies the root ``forward``'s
@@ -30,7 +34,7 @@ import logging
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -63,6 +67,7 @@ from internimage.dcnv3 import (
 
 __all__ = [
     "InternImage",
+    "InternImageBase",
     "InternImageStem",
     "InternImageDownsample",
     "InternImageMlp",
@@ -172,7 +177,8 @@ class InternImageDownsample(nn.Module):
 
 class InternImageMlp(nn.Module):
     """fc1 -> act -> dropout -> fc2 -> dropout on the last dimension (the original MLPLayer):
-    ``(..., dim)`` -> ``(..., dim)``."""
+    ``(..., dim)`` -> ``(..., dim)``. ``fc2_bias``: False for FlashInternImage without
+    ``mlp_fc2_bias`` (InternImage's fc2 always has one)."""
 
     def __init__(
         self,
@@ -180,13 +186,14 @@ class InternImageMlp(nn.Module):
         hidden: int,
         act_layer: str | type[nn.Module] = "GELU",
         drop: float = 0.0,
+        fc2_bias: bool = True,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.act = get_act_layer(act_layer)()
-        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, dim, bias=fc2_bias, device=device, dtype=dtype)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -195,11 +202,14 @@ class InternImageMlp(nn.Module):
 
 
 class InternImageBlock(nn.Module):
-    """InternImage layer: DCNv3 token mixer and MLP, each with a residual.
+    """InternImage layer: a deformable-convolution token mixer and an MLP, each with a residual.
 
     Input and output ``(N, C, H, W)`` NCHW with channels_last memory; the mixer and the MLP
     (and the norms around them) run on the channels-last view ``(N, H, W, C)``, as in the
-    original. Residual branches, in the original's order of precedence:
+    original. The mixer is ``dcn_layer(channels=dim, kernel_size=3, stride=1, pad=dilation,
+    dilation=dilation, dw_dilation=dilation, group=group, **dcn_kwargs)``: :class:`DCNv3`
+    for InternImage, :class:`~internimage.DCNv4` for FlashInternImage, which otherwise share
+    this block. Residual branches, in the original's order of precedence:
 
     * ``layer_scale`` set: ``x + dp(gamma1 * norm1(dcn(x)))`` with ``post_norm``, else
       ``x + dp(gamma1 * dcn(norm1(x)))`` (``res_post_norm`` is then ignored, as in the
@@ -209,7 +219,7 @@ class InternImageBlock(nn.Module):
     * otherwise: ``x + dp(dcn(norm1(x)))``;
 
     and the same pattern for the MLP with ``norm2`` / ``gamma2`` / ``res_post_norm2``.
-    ``dilation`` dilates the DCNv3 sampling grid and its offset branch's depthwise conv (the
+    ``dilation`` dilates the DCN sampling grid and its offset branch's depthwise conv (the
     dilated stages of ``output_stride`` 8 and 16; 1 in the original).
     """
 
@@ -224,32 +234,27 @@ class InternImageBlock(nn.Module):
         drop: float = 0.0,
         drop_path: float = 0.0,
         act_layer: str | type[nn.Module] = "GELU",
-        norm_layer: str = "LN",
         post_norm: bool = False,
         layer_scale: float | None = None,
-        offset_scale: float = 1.0,
-        dw_kernel_size: int | None = None,
         res_post_norm: bool = False,
-        center_feature_scale: bool = False,
-        remove_center: bool = False,
-        core_op: str = "DCNv3",
+        mlp_fc2_bias: bool = True,
         dilation: int = 1,
+        dcn_layer: Callable[..., nn.Module] = DCNv3,
+        dcn_kwargs: Mapping[str, Any] | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
-        self.dcn = DCNv3(
-            channels=dim, kernel_size=3, dw_kernel_size=dw_kernel_size, stride=1, pad=dilation,
-            dilation=dilation, group=group, offset_scale=offset_scale, act_layer=act_layer,
-            norm_layer=norm_layer, center_feature_scale=center_feature_scale,
-            remove_center=remove_center, core_op=core_op, dw_dilation=dilation, **dd,
+        self.dcn = dcn_layer(
+            channels=dim, kernel_size=3, stride=1, pad=dilation, dilation=dilation,
+            dw_dilation=dilation, group=group, **(dcn_kwargs or {}), **dd,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS, **dd)
         self.mlp = InternImageMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop,
-                                  **dd)
+                                  fc2_bias=mlp_fc2_bias, **dd)
         self.layer_scale_init = layer_scale
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
@@ -347,8 +352,8 @@ class InternImageStage(_StaysEvalWhenFrozen):
             if downsample else nn.Identity()
         )
         self.blocks = nn.Sequential(*[
-            InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], norm_layer=norm_layer,
-                             dilation=dilation, **block_kwargs, **dd)
+            InternImageBlock(out_chs, group, drop_path=drop_path_rates[i], dilation=dilation,
+                             **block_kwargs, **dd)
             for i in range(depth)
         ])
         if post_norm_block_ids:
@@ -879,81 +884,57 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-class InternImage(nn.Module):
-    """InternImage with the original constructor's keywords plus timm's.
+class InternImageBase(nn.Module):
+    """The network and timm API shared by :class:`InternImage` and
+    :class:`~internimage.FlashInternImage`; build one of those, not this class.
 
-    Original keywords (defaults as in the original ``InternImage.__init__``): ``core_op``
-    ('DCNv3' compiled kernels or 'DCNv3_pytorch' reference), ``channels``, ``depths``,
-    ``groups``, ``num_classes``, ``mlp_ratio``, ``drop_rate`` (dropout after the stem and in
-    the MLPs, as in the original), ``drop_path_rate``, ``drop_path_type`` ('linear' or
-    'uniform'), ``act_layer``, ``norm_layer``, ``layer_scale``, ``offset_scale``,
-    ``post_norm``, ``cls_scale``, ``with_cp`` (gradient checkpointing), ``dw_kernel_size``,
-    ``use_clip_projector``, ``level2_post_norm``, ``level2_post_norm_block_ids``,
-    ``res_post_norm``, ``center_feature_scale``, ``remove_center``, and ``meta_dim`` of the
-    original's iNaturalist model type (``intern_image_meta_former``): None (default) builds no
-    metadata head; an int builds :class:`MetadataHead` of that width (64 in the original).
-
-    timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
-    the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
-    ``output_stride`` (32, or 16 / 8 for dense prediction: the later stages keep the
-    resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
-    branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
-    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``frozen_stages`` (the
-    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``. Unknown
-    keywords raise ``TypeError``, as timm requires (the original ignores them silently);
-    invalid values raise ``ValueError`` / ``TypeError`` naming the argument, the expected and
-    the given value.
-
-    Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
-    ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
-    ``(N, 1024, H/16, W/16)`` map (clip head, ``num_features = 1024``).
-    ``forward_head(pre_logits=True)`` gives the original ``forward_features`` vector
-    (width ``head_hidden_size``: ``int(8C * cls_scale)`` or 768).
-
-    With a metadata head, ``forward(x, temporal, spatial)`` returns image logits plus metadata
-    logits; ``temporal`` ``(N, 4)`` and ``spatial`` ``(N, 3)`` are optional (missing ones are
-    zeros, the original's encoding of missing metadata; :func:`encode_inat_metadata` builds
-    them). A model without one raises ValueError when metadata is given.
+    The two families differ only in their token mixer (``dcn_layer`` built with ``dcn_kwargs``
+    in every block, see :class:`InternImageBlock`) and the MLP's ``fc2`` bias; the stem,
+    stages, heads, stochastic depth, ``output_stride``, ``frozen_stages`` and the timm methods
+    are this class's. The keywords are the families' (see :class:`InternImage`); invalid
+    values raise ``ValueError`` / ``TypeError`` naming the argument, the expected and the
+    given value.
     """
 
     def __init__(
         self,
-        core_op: str = "DCNv3",
-        channels: int = 64,
-        depths: Sequence[int] = (3, 4, 18, 5),
-        groups: Sequence[int] = (3, 6, 12, 24),
-        num_classes: int = 1000,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        drop_path_type: str = "linear",
-        act_layer: str | type[nn.Module] = "GELU",
-        norm_layer: str = "LN",
-        layer_scale: float | None = None,
-        offset_scale: float = 1.0,
-        post_norm: bool = False,
-        cls_scale: float = 1.5,
-        with_cp: bool = False,
-        dw_kernel_size: int | None = None,
-        use_clip_projector: bool = False,
-        level2_post_norm: bool = False,
-        level2_post_norm_block_ids: Sequence[int] | None = None,
-        res_post_norm: bool = False,
-        center_feature_scale: bool = False,
-        remove_center: bool = False,
-        meta_dim: int | None = None,
-        in_chans: int = 3,
-        global_pool: str | None = None,
-        output_stride: int = 32,
-        frozen_stages: int = -1,
-        head_drop_rate: float = 0.0,
+        *,
+        dcn_layer: type[nn.Module],
+        dcn_kwargs: Mapping[str, Any],
+        core_op: str,
+        channels: int,
+        depths: Sequence[int],
+        groups: Sequence[int],
+        num_classes: int,
+        mlp_ratio: float,
+        drop_rate: float,
+        drop_path_rate: float,
+        drop_path_type: str,
+        act_layer: str | type[nn.Module],
+        norm_layer: str,
+        layer_scale: float | None,
+        offset_scale: float,
+        post_norm: bool,
+        cls_scale: float,
+        with_cp: bool,
+        mlp_fc2_bias: bool,
+        dw_kernel_size: int | None,
+        use_clip_projector: bool,
+        level2_post_norm: bool,
+        level2_post_norm_block_ids: Sequence[int] | None,
+        res_post_norm: bool,
+        center_feature_scale: bool,
+        meta_dim: int | None,
+        in_chans: int,
+        global_pool: str | None,
+        output_stride: int,
+        frozen_stages: int,
+        head_drop_rate: float,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if core_op not in CORE_OPS:
-            raise ValueError(f"core_op must be one of {list(CORE_OPS)}, got {core_op!r}")
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
             raise ValueError(f"channels must be an int >= 2, got {channels!r}")
         depths = _as_list("depths", depths)
@@ -1027,6 +1008,7 @@ class InternImage(nn.Module):
         else:
             dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
         level_norm = not post_norm or center_feature_scale
+        dcn_kwargs = dict(dcn_kwargs, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size)
         stages = []
         self.feature_info = []
         in_chs = channels
@@ -1050,11 +1032,9 @@ class InternImage(nn.Module):
                 ),
                 norm_layer=norm_layer, mlp_ratio=mlp_ratio, drop=drop_rate,
                 act_layer=act_layer, post_norm=post_norm, layer_scale=layer_scale,
-                offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
-                res_post_norm=res_post_norm, center_feature_scale=center_feature_scale,
-                remove_center=remove_center, core_op=core_op,
+                res_post_norm=res_post_norm, mlp_fc2_bias=mlp_fc2_bias,
                 downsample_stride=downsample_stride, downsample_dilation=downsample_dilation,
-                dilation=dilation, **dd,
+                dilation=dilation, dcn_layer=dcn_layer, dcn_kwargs=dcn_kwargs, **dd,
             ))
             self.feature_info.append(
                 dict(num_chs=out_chs, reduction=reduction, module=f"stages.{i}")
@@ -1085,7 +1065,7 @@ class InternImage(nn.Module):
 
         self.apply(self._init_weights)
         for module in self.modules():
-            if isinstance(module, DCNv3):
+            if isinstance(module, dcn_layer):
                 module.reset_parameters()
         if with_cp:
             self.set_grad_checkpointing(True)
@@ -1296,10 +1276,105 @@ class InternImage(nn.Module):
         return self.forward_head(self.forward_features(x), temporal=temporal, spatial=spatial)
 
 
+class InternImage(InternImageBase):
+    """InternImage with the original constructor's keywords plus timm's.
+
+    Original keywords (defaults as in the original ``InternImage.__init__``): ``core_op``
+    ('DCNv3' compiled kernels or 'DCNv3_pytorch' reference), ``channels``, ``depths``,
+    ``groups``, ``num_classes``, ``mlp_ratio``, ``drop_rate`` (dropout after the stem and in
+    the MLPs, as in the original), ``drop_path_rate``, ``drop_path_type`` ('linear' or
+    'uniform'), ``act_layer``, ``norm_layer``, ``layer_scale``, ``offset_scale``,
+    ``post_norm``, ``cls_scale``, ``with_cp`` (gradient checkpointing), ``dw_kernel_size``,
+    ``use_clip_projector``, ``level2_post_norm``, ``level2_post_norm_block_ids``,
+    ``res_post_norm``, ``center_feature_scale``, ``remove_center``, and ``meta_dim`` of the
+    original's iNaturalist model type (``intern_image_meta_former``): None (default) builds no
+    metadata head; an int builds :class:`MetadataHead` of that width (64 in the original).
+
+    timm keywords: ``in_chans``, ``global_pool`` (None: 'avg' for the conv head, 'attn' for
+    the clip head; '' keeps the 4-D map), ``head_drop_rate`` (dropout before the classifier),
+    ``output_stride`` (32, or 16 / 8 for dense prediction: the later stages keep the
+    resolution, their downsampling convs stride 1 and their DCNv3 sampling grids and offset
+    branches dilated 2x / 4x, as timm's ConvNeXt does; the weights are unchanged, and
+    ``feature_info`` reductions become 4, 8, 16, 16 / 4, 8, 8, 8), ``frozen_stages`` (the
+    det/seg backbones' option, see :meth:`freeze_stages`), ``device``, ``dtype``. Unknown
+    keywords raise ``TypeError``, as timm requires (the original ignores them silently);
+    invalid values raise ``ValueError`` / ``TypeError`` naming the argument, the expected and
+    the given value.
+
+    Input ``(N, in_chans, H, W)``. ``forward_features`` returns the NCHW final map:
+    ``(N, 8C, H/32, W/32)`` (conv head, ``num_features = 8C``) or the fused
+    ``(N, 1024, H/16, W/16)`` map (clip head, ``num_features = 1024``).
+    ``forward_head(pre_logits=True)`` gives the original ``forward_features`` vector
+    (width ``head_hidden_size``: ``int(8C * cls_scale)`` or 768).
+
+    With a metadata head, ``forward(x, temporal, spatial)`` returns image logits plus metadata
+    logits; ``temporal`` ``(N, 4)`` and ``spatial`` ``(N, 3)`` are optional (missing ones are
+    zeros, the original's encoding of missing metadata; :func:`encode_inat_metadata` builds
+    them). A model without one raises ValueError when metadata is given.
+    """
+
+    def __init__(
+        self,
+        core_op: str = "DCNv3",
+        channels: int = 64,
+        depths: Sequence[int] = (3, 4, 18, 5),
+        groups: Sequence[int] = (3, 6, 12, 24),
+        num_classes: int = 1000,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        drop_path_type: str = "linear",
+        act_layer: str | type[nn.Module] = "GELU",
+        norm_layer: str = "LN",
+        layer_scale: float | None = None,
+        offset_scale: float = 1.0,
+        post_norm: bool = False,
+        cls_scale: float = 1.5,
+        with_cp: bool = False,
+        dw_kernel_size: int | None = None,
+        use_clip_projector: bool = False,
+        level2_post_norm: bool = False,
+        level2_post_norm_block_ids: Sequence[int] | None = None,
+        res_post_norm: bool = False,
+        center_feature_scale: bool = False,
+        remove_center: bool = False,
+        meta_dim: int | None = None,
+        in_chans: int = 3,
+        global_pool: str | None = None,
+        output_stride: int = 32,
+        frozen_stages: int = -1,
+        head_drop_rate: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if core_op not in CORE_OPS:
+            raise ValueError(f"core_op must be one of {list(CORE_OPS)}, got {core_op!r}")
+        super().__init__(
+            dcn_layer=DCNv3,
+            # dw_kernel_size None: DCNv3's own default (its kernel size)
+            dcn_kwargs=dict(act_layer=act_layer, norm_layer=norm_layer,
+                            center_feature_scale=center_feature_scale,
+                            remove_center=remove_center, core_op=core_op),
+            core_op=core_op, channels=channels, depths=depths, groups=groups,
+            num_classes=num_classes, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate, drop_path_type=drop_path_type, act_layer=act_layer,
+            norm_layer=norm_layer, layer_scale=layer_scale, offset_scale=offset_scale,
+            post_norm=post_norm, cls_scale=cls_scale, with_cp=with_cp, mlp_fc2_bias=True,
+            dw_kernel_size=dw_kernel_size, use_clip_projector=use_clip_projector,
+            level2_post_norm=level2_post_norm,
+            level2_post_norm_block_ids=level2_post_norm_block_ids, res_post_norm=res_post_norm,
+            center_feature_scale=center_feature_scale, meta_dim=meta_dim, in_chans=in_chans,
+            global_pool=global_pool, output_stride=output_stride, frozen_stages=frozen_stages,
+            head_drop_rate=head_drop_rate, device=device, dtype=dtype,
+        )
+
+
 def dcn_offset_param_names(model: nn.Module) -> list[str]:
     """Names of the parameters the original fine-tuning recipe trains at ``DCN_LR_MUL`` (0.1)
     times the LR: those containing ``offset`` or ``center_feature_scale_proj`` (the original
-    also lists ``attention_weights`` and ``alpha_beta``, absent from these models)."""
+    also lists ``attention_weights`` and ``alpha_beta``, absent from these models). In
+    FlashInternImage that is the packed ``offset_mask`` projection (its mask rows included)
+    and ``offset_mask_dw``, as the DCNv4 repository's training code matches them too."""
     keys = ("offset", "center_feature_scale_proj", "attention_weights", "alpha_beta")
     return [name for name, _ in model.named_parameters() if any(k in name for k in keys)]
 
@@ -1451,10 +1526,42 @@ def _head_22k_to_1k(key: str, value: Tensor, target: Tensor) -> Tensor | None:
     return value.index_select(0, imagenet22k_to_1k_indices().to(value.device))
 
 
+# A key of each family's DCN modules: DCNv3's separate offset projection (and input_proj),
+# DCNv4's packed offset_mask projection.
+_FAMILY_KEYS = (
+    (re.compile(r"\.dcn\.(offset|input_proj)\.weight$"), "an InternImage (DCNv3)",
+     "internimage_* (internimage.InternImage)"),
+    (re.compile(r"\.dcn\.offset_mask\.weight$"), "a FlashInternImage (DCNv4)",
+     "flash_internimage_* (internimage.FlashInternImage)"),
+)
+
+
+def _family(keys: Iterable[str]) -> tuple[str, str, str] | None:
+    """``(family, builder, a key)`` of the first DCN key among ``keys``, or None."""
+    for key in keys:
+        for pattern, family, builder in _FAMILY_KEYS:
+            if pattern.search(key):
+                return family, builder, key
+    return None
+
+
+def _check_family(state_dict: Mapping[str, Any], model: nn.Module) -> None:
+    """ValueError when ``state_dict`` holds the DCN modules of the other family than
+    ``model``'s."""
+    ours, theirs = _family(model.state_dict()), _family(state_dict)
+    if ours is not None and theirs is not None and ours[0] != theirs[0]:
+        raise ValueError(
+            f"this is {theirs[0]} state dict (key '{theirs[2]}'), the model is {ours[0]}: "
+            f"build {theirs[1]} for it"
+        )
+
+
 def checkpoint_filter_fn(
     state_dict: Mapping[str, Any], model: nn.Module | None = None
 ) -> dict[str, Any]:
-    """Converts an original InternImage state dict into this model's layout.
+    """Converts an original InternImage or FlashInternImage state dict into this package's
+    layout (the two families' keys differ only inside the DCN modules, whose names are the
+    original ones).
 
     Accepts the raw state dict or one under 'model' / 'state_dict' / 'module', strips
     ``module.``, ``_orig_mod.``, ``backbone.`` and ``student.`` prefixes and the transformers
@@ -1473,7 +1580,9 @@ def checkpoint_filter_fn(
     ``map22kto1k.txt``) when the model has 1000 classes. Other head sizes are left as they
     are (timm drops a head whose size differs from the pretrained cfg's). A model without a
     metadata head (no ``meta_dim``) gets the image network of a meta-former checkpoint (the
-    iNaturalist H): its ``meta_head.*`` keys are dropped.
+    iNaturalist H): its ``meta_head.*`` keys are dropped. A state dict of the other family
+    (DCNv3 keys for a FlashInternImage model, or DCNv4 keys for an InternImage) is a
+    ValueError that names both.
     """
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -1484,6 +1593,7 @@ def checkpoint_filter_fn(
     if model is None:
         return out
 
+    _check_family(out, model)
     if getattr(model, "meta_head", None) is None:  # e.g. the iNat file into a plain model
         out = {k: v for k, v in out.items() if not k.startswith("meta_head.")}
     model_state = model.state_dict()
@@ -1519,7 +1629,7 @@ def _check_out_indices(out_indices: Any, levels: int) -> None:
     if isinstance(out_indices, int) and not isinstance(out_indices, bool):
         if not 0 < out_indices <= levels:
             raise ValueError(
-                f"out_indices as an int takes the last n of InternImage's {levels} stages, "
+                f"out_indices as an int takes the last n of the model's {levels} stages, "
                 f"so 1..{levels}, got {out_indices}")
         return
     indices = list(out_indices)
@@ -1527,13 +1637,18 @@ def _check_out_indices(out_indices: Any, levels: int) -> None:
            or not -levels <= i < levels]
     if bad or not indices:
         raise ValueError(
-            f"out_indices must index InternImage's {levels} stages (0..{levels - 1}, strides "
+            f"out_indices must index the model's {levels} stages (0..{levels - 1}, strides "
             f"4, 8, 16, 32), got {tuple(indices)}; DETR-style configs use (1, 2, 3, 4) for "
             f"ResNet's five levels (stem included): pass out_indices=(1, 2, 3) for the same "
             f"strides 8, 16, 32")
 
 
-def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -> InternImage:
+def _create_model(
+    model_cls: type[InternImageBase], variant: str, pretrained: bool = False, **kwargs: Any
+) -> InternImageBase:
+    """timm's ``build_model_with_cfg`` for ``model_cls`` (:class:`InternImage` or
+    :class:`~internimage.FlashInternImage`) with this package's checkpoint filter and
+    feature config; a 22k tag loaded into a 1000-class model gets the 1k rows of its head."""
     if kwargs.get("features_only") and kwargs.get("out_indices") is not None:
         _check_out_indices(kwargs["out_indices"], len(kwargs.get("depths", (0,) * 4)))
     if pretrained and kwargs.get("num_classes") == IN1K_NUM_CLASSES:
@@ -1545,7 +1660,7 @@ def _create_internimage(variant: str, pretrained: bool = False, **kwargs: Any) -
             kwargs["pretrained_cfg_overlay"] = dict(
                 kwargs.get("pretrained_cfg_overlay") or {}, num_classes=IN1K_NUM_CLASSES)
     return build_model_with_cfg(
-        InternImage,
+        model_cls,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -1578,9 +1693,12 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
 _HUB = "OpenGVLab/InternImage"
 
 
-def _hub(filename: str, size: int, stride: int = 32, **kwargs: Any) -> dict[str, Any]:
+def _hub(filename: str, size: int, stride: int = 32, hf_hub_id: str = _HUB,
+         **kwargs: Any) -> dict[str, Any]:
+    """The cfg of a released checkpoint ``filename`` on the hub repo ``hf_hub_id``, evaluated
+    at ``size``; ``kwargs`` override :func:`_cfg`'s entries (FlashInternImage's paper)."""
     return _cfg(
-        hf_hub_id=_HUB, hf_hub_filename=filename, input_size=(3, size, size),
+        hf_hub_id=hf_hub_id, hf_hub_filename=filename, input_size=(3, size, size),
         pool_size=(size // stride, size // stride), **kwargs,
     )
 
@@ -1642,8 +1760,8 @@ _VARIANTS["h_meta"] = dict(_VARIANTS["h"], meta_dim=64)
 
 def _variant(name: str, pretrained: bool, kwargs: dict[str, Any]) -> InternImage:
     model_args = dict(_VARIANTS[name], drop_path_rate=0.0)
-    return _create_internimage(f"internimage_{name}", pretrained=pretrained,
-                               **dict(model_args, **kwargs))
+    return _create_model(InternImage, f"internimage_{name}", pretrained=pretrained,
+                         **dict(model_args, **kwargs))
 
 
 @register_model

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from internimage.checkpoint import save_safetensors
 from internimage.cli_common import (
-    CUSTOM_MODEL,
+    CUSTOM_MODELS,
     CommandError,
     build_model,
     load_state_dict_file,
@@ -550,7 +550,7 @@ class Trainer:
                                  f"{num_classes}")
             model, notes = _setup_phase(self.ctx, lambda: self._model(num_classes))
             data_config = self._data_config(model, source["kind"])
-            if self.cfg["model"]["name"] == CUSTOM_MODEL or source["kind"] == "digits":
+            if self.cfg["model"]["name"] in CUSTOM_MODELS or source["kind"] == "digits":
                 model.pretrained_cfg = dict(model.pretrained_cfg, **data_config,
                                             num_classes=num_classes)
             train_ds, val_ds = _setup_phase(self.ctx,

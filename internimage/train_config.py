@@ -32,7 +32,8 @@ __all__ = ["ConfigError", "DEFAULTS", "config_dir", "resolve_recipe", "load_reci
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
-        "name": "internimage_t",     # registered timm name, or 'internimage' (kwargs only)
+        "name": "internimage_t",     # registered timm name, or 'internimage' /
+                                     # 'flash_internimage' (the bare class, kwargs only)
         "kwargs": {},                # extra constructor arguments (free-form)
         "checkpoint": None,          # initial weights: original .pth or .safetensors
         "num_classes": None,         # None: the number of classes in the data

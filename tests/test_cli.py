@@ -81,6 +81,24 @@ def original_pth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return path, golden
 
 
+@pytest.fixture(scope="module")
+def flash_original_pth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The golden tiny FlashInternImage-T-style model from the original DCNv4 code, saved as
+    an original .pth."""
+    golden_path = REPO.parent / "shared" / "golden-flash" / "model_flash_t_like.pt"
+    if not golden_path.is_file():
+        pytest.fail(f"{golden_path} is missing (the suite needs ../shared/golden-flash)")
+    golden = torch.load(golden_path, weights_only=True)
+    path = tmp_path_factory.mktemp("original_flash") / "model_flash_t_like.pth"
+    torch.save({"model": {k: v.float() for k, v in golden["state_dict"].items()},
+                "epoch": 3}, path)
+    return path, golden
+
+
+FLASH_ARCH = ["--model-arg", "channels=32", "--model-arg", "depths=[1,1,2,1]",
+              "--model-arg", "groups=[2,4,8,16]"]
+
+
 # --- entry points ---
 
 
@@ -128,10 +146,17 @@ def test_models_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert code == 0
     row = next(line for line in stdout.splitlines() if line.startswith("| internimage_t"))
     assert "in1k" in row and "29.92" in row and "224x224" in row and "64-128-256-512" in row
-    (record,) = json.loads(out.read_text())
+    flash = next(line for line in stdout.splitlines()
+                 if line.startswith("| flash_internimage_t"))
+    assert "in1k" in flash and "29.82" in flash and "flash_intern_image_t_1k_224.pth" in flash
+    record, flash_record = json.loads(out.read_text())  # InternImage first
     assert record["params"] == 29_918_424  # the original's measured count
     assert 4.8e9 < record["macs"] < 5.0e9  # README: 5G
     assert record["flops_by_op"]["internimage.dcnv3"] > 0  # the op is counted
+    assert flash_record["arch"] == "flash_internimage_t"
+    assert flash_record["hf_hub_id"] == "OpenGVLab/DCNv4"
+    assert flash_record["params"] == 29_815_528
+    assert flash_record["flops_by_op"]["internimage.dcnv4"] > 0
 
 
 def test_flops_of_the_dcnv3_op_and_giant_models_on_meta() -> None:
@@ -146,6 +171,19 @@ def test_flops_of_the_dcnv3_op_and_giant_models_on_meta() -> None:
     g = model_complexity("internimage_g")
     assert g["params"] == 3_076_373_352
     assert 2.6e12 < g["macs"] < 2.8e12  # README: 2700G at 512
+
+
+def test_flops_of_the_dcnv4_op_and_flash_internimage() -> None:
+    from internimage.dcnv4 import DCNv4
+    from internimage.flops import count_flops, model_complexity
+
+    with torch.device("meta"):
+        module = DCNv4(channels=64, group=4)
+    module_flops = count_flops(module, (14, 14, 64))["by_op"]
+    assert module_flops["internimage.dcnv4"] == 2 * 5 * 14 * 14 * 64 * 9  # as DCNv3 samples
+    t = model_complexity("flash_internimage_t")
+    assert t["params"] == 29_815_528 and t["flops_by_op"]["internimage.dcnv4"] > 0
+    assert 4.8e9 < t["macs"] < 5.0e9  # InternImage-T's 5 GMACs, less the offset branch
 
 
 def test_models_unknown_filter(capsys: pytest.CaptureFixture) -> None:
@@ -580,3 +618,80 @@ def test_validate_errors(trained: Path, tmp_path: Path, capsys: pytest.CaptureFi
     code, _, err = run(["validate", str(data), "--checkpoint", checkpoint, "--batch-size", "0"],
                        capsys)
     assert_one_line_error(code, err, "validate", "--batch-size", "got 0")
+
+
+# --- FlashInternImage through every command ---
+
+
+def test_flash_internimage_convert_predict_export(
+        flash_original_pth: tuple[Path, dict], tmp_path: Path, digit_images: list[Path],
+        capsys: pytest.CaptureFixture) -> None:
+    pth, golden = flash_original_pth
+    converted = tmp_path / "flash.safetensors"
+    code, stdout, err = run(["convert", str(pth), str(converted), "--model",
+                             "flash_internimage_t", *FLASH_ARCH], capsys)
+    assert code == 0, err
+    assert "flash_internimage_t, num_classes 10" in stdout
+
+    from internimage import FlashInternImage
+    from internimage.cli.common import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(None, str(converted), False, torch.device("cpu"))
+    assert isinstance(model, FlashInternImage)
+    with torch.no_grad():
+        logits = model(golden["input"].float())
+    # golden-flash README: float32 logits within 2e-5 of the original's
+    torch.testing.assert_close(logits.double(), golden["logits"], rtol=0, atol=2e-5)
+
+    code, stdout, err = run(["predict", str(digit_images[0]), "--checkpoint", str(converted),
+                             "--top-k", "2"], capsys)
+    assert code == 0, err
+    assert stdout.count("%") == 2
+    assert "optimize_for_inference" not in stdout  # nothing fused for DCNv4
+
+    onnx_file = tmp_path / "flash.onnx"
+    code, stdout, err = run(["export", "--checkpoint", str(converted), "--onnx",
+                             str(onnx_file), "--img-size", "64", "--static-batch"], capsys)
+    assert code == 0, err  # (a static batch halves the export time; dynamic is tested above)
+    assert "input 1x3x64x64, static batch, standard ONNX ops" in stdout
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    inputs = golden["input"].float()[:1]  # the static batch of 1
+    (ort_logits,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+    torch.testing.assert_close(torch.from_numpy(ort_logits), logits[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_flash_checkpoint_for_an_internimage_is_one_line(
+        flash_original_pth: tuple[Path, dict], tmp_path: Path, digit_images: list[Path],
+        capsys: pytest.CaptureFixture) -> None:
+    pth, _ = flash_original_pth
+    code, _, err = run(["convert", str(pth), str(tmp_path / "o.safetensors"), "--model",
+                        "internimage_t", *FLASH_ARCH], capsys)
+    assert_one_line_error(code, err, "convert", "FlashInternImage (DCNv4) state dict",
+                          "build flash_internimage_*")
+    code, _, err = run(["predict", str(digit_images[0]), "--model", "internimage_t",
+                        *FLASH_ARCH, "--checkpoint", str(pth)], capsys)
+    assert_one_line_error(code, err, "predict", "FlashInternImage (DCNv4) state dict",
+                          "wrong --model")
+
+
+def test_bench_flash_internimage_times_the_dcnv4_op(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    # --train: forward and backward of the op and the model (and no GEMM-peak measurement,
+    # which inference runs add and test_bench_small_run covers)
+    out = tmp_path / "bench.json"
+    code, stdout, err = run(["bench", "--model", "flash_internimage_t", "--compare", "none",
+                             "--batch-size", "2", "--img-size", "32", "--iters", "1",
+                             "--warmup", "0", "--budget", "1", "--quiet", "--json", str(out),
+                             "--train", "--paths", "eager"], capsys)
+    assert code == 0, stdout + err
+    assert "DCNv4 op (forward+backward) at flash_internimage_t's stage shapes" in stdout
+    cases = json.loads(out.read_text())["cases"]
+    ops = [c for c in cases if c["part"] == "op"]
+    assert len(ops) == 8 and {c["op"] for c in ops} == {"DCNv4"}
+    assert [c["offset_mask_channels"] for c in ops if c["impl"] == "compiled"] == \
+        [112, 216, 432, 864]
+    assert [(c["model"], c["path"]) for c in cases if c["part"] == "model"] == [
+        ("flash_internimage_t", "eager")]
+    assert all(c["error"] is None and c["median_s"] > 0 for c in cases)

@@ -120,6 +120,10 @@ def test_parameters_and_init_follow_the_original():
     plain = DCNv4(channels=64, group=4)
     assert torch.equal(plain(x.new_ones(1, 3, 3, 64)),
                        plain.output_proj.bias.expand(1, 3, 3, 64))
+    dilated = DCNv4(channels=48, group=3, dw_kernel_size=5, dw_dilation=2)
+    assert (dilated.offset_mask_dw.dilation, dilated.offset_mask_dw.padding) == ((2, 2), (4, 4))
+    assert dilated.state_dict().keys() == DCNv4(channels=48, group=3,
+                                                dw_kernel_size=5).state_dict().keys()
     bare = DCNv4(channels=16, group=2, without_pointwise=True, remove_center=True)
     assert set(bare.state_dict()) == {"offset_mask.weight", "offset_mask.bias"}
     assert bare.offset_mask.out_features == math.ceil(3 * 2 * 8 / 8) * 8
@@ -136,6 +140,8 @@ def test_parameters_and_init_follow_the_original():
         dict(channels=32, group=2, dilation=2, pad=2, center_feature_scale=True,
              offset_scale=2.0),
         dict(channels=32, group=2, without_pointwise=True, center_feature_scale=True),
+        # FlashInternImage's dilated stages (output_stride 8/16): dilated core and dw conv
+        dict(channels=32, group=2, dilation=2, pad=2, dw_kernel_size=3, dw_dilation=2),
     ],
 )
 @pytest.mark.parametrize("n", [1, 3])
@@ -241,6 +247,7 @@ BAD_KWARGS = {
     "even dw kernel": (dict(dw_kernel_size=4), ValueError, r"dw_kernel_size must be odd, got 4"),
     "float group": (dict(group=4.0), TypeError, r"group must be an int, got float 4.0"),
     "zero channels": (dict(channels=0), ValueError, r"channels must be >= 1, got 0"),
+    "zero dw_dilation": (dict(dw_dilation=0), ValueError, r"dw_dilation must be >= 1, got 0"),
     "core_op": (dict(core_op="DCNv3"), ValueError, r"core_op must be one of"),
     "flag": (dict(output_bias=1), TypeError, r"output_bias must be a bool, got int"),
     "even kernel remove_center": (dict(kernel_size=2, pad=0, dilation=0), ValueError,

@@ -1,5 +1,6 @@
-"""InternImage as a dense-prediction backbone: output_stride 8/16 (dilated later stages),
-plain torch.fx feature extraction on every variant."""
+"""InternImage and FlashInternImage as dense-prediction backbones: output_stride 8/16
+(dilated later stages), plain torch.fx feature extraction on every variant, freezing,
+layer-wise LR decay and det/seg checkpoints."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from conftest import to_original_layout
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import internimage  # noqa: F401  (registers the models)
-from internimage import InternImage
+from internimage import FlashInternImage, InternImage
 from internimage.dcnv3 import DCNv3
+from internimage.dcnv4 import DCNv4
 
 
 def tiny(**kwargs) -> InternImage:
@@ -71,7 +73,9 @@ def test_output_stride_rejects_other_values(value) -> None:
 
 
 VARIANTS = ["internimage_t", "internimage_s", "internimage_b", "internimage_l",
-            "internimage_xl", "internimage_h", "internimage_g", "internimage_h_meta"]
+            "internimage_xl", "internimage_h", "internimage_g", "internimage_h_meta",
+            "flash_internimage_t", "flash_internimage_s", "flash_internimage_b",
+            "flash_internimage_l"]
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -247,3 +251,83 @@ def test_det_seg_checkpoint_loads_into_features_only(tmp_path, caplog, wrap: str
         for ours, ref in zip(features.eval()(x), source.eval().forward_intermediates(
                 x, intermediates_only=True), strict=True):
             torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+# --- FlashInternImage: the same backbone contract on DCNv4 --------------------------------
+
+FLASH_SMALL = dict(channels=32, depths=[1, 1, 2, 1], groups=[2, 4, 8, 16])
+
+
+@pytest.mark.parametrize("output_stride, reductions, dilations", [
+    (16, [4, 8, 16, 16], [1, 1, 1, 2]),
+    (8, [4, 8, 8, 8], [1, 1, 2, 4]),
+])
+def test_flash_output_stride_dilates_dcnv4_and_its_dw_conv(output_stride, reductions,
+                                                           dilations) -> None:
+    features = timm.create_model("flash_internimage_s", features_only=True,
+                                 output_stride=output_stride, **FLASH_SMALL)
+    assert features.feature_info.reduction() == reductions
+    with torch.no_grad():
+        maps = features.eval()(torch.randn(1, 3, 64, 64))
+    assert [m.shape[-1] for m in maps] == [64 // r for r in reductions]
+    full = timm.create_model("flash_internimage_s", output_stride=output_stride, **FLASH_SMALL)
+    reference = timm.create_model("flash_internimage_s", **FLASH_SMALL)
+    assert full.state_dict().keys() == reference.state_dict().keys()
+    full.load_state_dict(reference.state_dict())  # the same weights at any output_stride
+    for stage, dilation in zip(full.stages, dilations, strict=True):
+        dcn = next(m for m in stage.modules() if isinstance(m, DCNv4))
+        assert dcn.dilation == dcn.pad == dilation
+        assert dcn.offset_mask_dw.dilation == (dilation, dilation)
+
+
+def test_flash_det_seg_checkpoint_into_frozen_features_only_with_layer_scale(tmp_path) -> None:
+    """A FlashInternImage-T det/seg file (no gammas; the det configs build the backbone with
+    layer_scale=1.0, so the gammas stay 1) loads into a features_only model whose first
+    stage is frozen, and gives the source's stage maps."""
+    source = timm.create_model("flash_internimage_t", num_classes=0, **FLASH_SMALL)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_(0, 0.1)
+    backbone = {f"backbone.{k}": v for k, v in to_original_layout(source.state_dict()).items()}
+    path = tmp_path / "mask_rcnn_flash_internimage_t.pth"
+    torch.save({"state_dict": {**backbone, "neck.fpn_convs.0.conv.weight": torch.zeros(4)}},
+               path)
+    features = timm.create_model("flash_internimage_t", features_only=True, pretrained=True,
+                                 layer_scale=1.0, frozen_stages=1, **FLASH_SMALL,
+                                 pretrained_cfg_overlay=dict(file=str(path)))
+    features.train()
+    assert not features.stem.training and not features.stages_0.training
+    assert features.stages_1.training
+    assert not any(p.requires_grad for p in features.stages_0.parameters())
+    assert all(torch.equal(features.get_submodule(f"stages_{i}").blocks[0].gamma1,
+                           torch.ones(32 * 2**i)) for i in range(4))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, ref in zip(features.eval()(x), source.eval().forward_intermediates(
+                x, intermediates_only=True), strict=True):
+            torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_flash_layer_decay_follows_the_original_layer_ids() -> None:
+    from internimage import param_groups_layer_decay
+
+    model = Detector(FlashInternImage(**FLASH_SMALL, dw_kernel_size=3, layer_scale=1.0,
+                                      post_norm=True))
+    groups = param_groups_layer_decay(model, "backbone.", rate=0.5, weight_decay=0.05)
+    table = _ids_and_scales(groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    expected_ids = {
+        "backbone.stem.conv1.weight": 0,
+        "backbone.stages.0.blocks.0.dcn.offset_mask.weight": 1,
+        "backbone.stages.0.blocks.0.dcn.offset_mask_dw.weight": 1,
+        "backbone.stages.1.downsample.conv.weight": 2,
+        "backbone.stages.2.blocks.1.dcn.value_proj.weight": 4,
+        "backbone.stages.3.blocks.0.mlp.fc2.weight": 5,
+        "backbone.head.fc.weight": 6,
+        "neck.weight": 6,
+    }
+    for name, layer in expected_ids.items():
+        assert table[name][:2] == (layer, pytest.approx(0.5 ** (6 - layer))), name
+    assert table["backbone.stages.0.blocks.0.dcn.offset_mask.weight"][2] == 0.05
+    assert table["backbone.stages.0.blocks.0.dcn.offset_mask.bias"][2] == 0.0
+    assert table["backbone.stages.0.blocks.0.gamma1"][2] == 0.0

@@ -300,13 +300,15 @@ def test_docs_and_recipes_only_point_to_files_that_exist() -> None:
 
 
 def test_in1k_recipes_differ_from_the_defaults_as_they_say() -> None:
-    """The *_in1k recipes say they share the defaults' optimizer, schedule, augmentation and
-    EMA and add the variant, its drop path, 224 px, 8 workers and fp16 (they used to claim to
-    equal the defaults)."""
+    """The *_in1k recipes (both families) say they share the defaults' optimizer, schedule,
+    augmentation and EMA and add the variant, its drop path, 224 px, 8 workers and fp16 (they
+    used to claim to equal the defaults)."""
     from internimage.train_config import DEFAULTS, config_dir, load_recipe
 
-    for variant in ("t", "s", "b"):
-        path = config_dir() / f"internimage_{variant}_in1k.yaml"
+    for variant in ("t", "s", "b", "flash_t", "flash_s", "flash_b"):
+        prefix, _, variant = variant.rpartition("_")
+        name = f"{prefix}_internimage_{variant}" if prefix else f"internimage_{variant}"
+        path = config_dir() / f"{name}_in1k.yaml"
         text = path.read_text()
         assert "224 px, 8 data workers and fp16 AMP" in text
         assert "also this package's defaults" not in text
@@ -316,7 +318,7 @@ def test_in1k_recipes_differ_from_the_defaults_as_they_say() -> None:
         assert differ <= {"model.name", "model.drop_path_rate", "data.img_size",
                           "data.num_workers", "train.amp"}, (variant, differ)
         assert cfg["data"]["img_size"] == 224 and cfg["data"]["num_workers"] == 8
-        assert cfg["train"]["amp"] == "fp16" and cfg["model"]["name"] == f"internimage_{variant}"
+        assert cfg["train"]["amp"] == "fp16" and cfg["model"]["name"] == name
 
 
 def test_internimage_docstring_says_what_unknown_keywords_do() -> None:

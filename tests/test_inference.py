@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from internimage import DCNv3, InternImage, optimize_for_inference
+from internimage import DCNv3, DCNv4, InternImage, optimize_for_inference
 from internimage.inference import InferenceDCNv3
 
 OP = torch.ops.internimage._dwconv_layernorm_gelu
@@ -283,3 +283,27 @@ def test_compiles_fullgraph() -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_flash_internimage_is_left_as_built_idempotently() -> None:
+    """FlashInternImage's DCNv4 modules have nothing the fused kernels cover (no LayerNorm /
+    GELU offset branch, no softmax): the transform returns an eval-mode, frozen copy running
+    the same modules, so its outputs are bit-identical to the model's."""
+    torch.manual_seed(0)
+    model = timm.create_model("flash_internimage_t").eval()
+    with torch.no_grad():  # live offsets and masks (the init zeroes the offset_mask layers)
+        for module in model.modules():
+            if isinstance(module, DCNv4):
+                nn.init.normal_(module.offset_mask.weight, std=0.05)
+    x = torch.randn(1, 3, 64, 64)
+    once = optimize_for_inference(model)
+    twice = optimize_for_inference(once)
+    types = [type(m) for m in model.modules()]
+    assert [type(m) for m in once.modules()] == [type(m) for m in twice.modules()] == types
+    assert not once.training and not any(p.requires_grad for p in once.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the argument is untouched
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(once(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(twice(x), expected, rtol=0, atol=0)
+    assert optimize_for_inference(model, inplace=True) is model

@@ -21,7 +21,11 @@ TINY = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], num_classes=1
 TINY_CLIP = dict(TINY, depths=[1, 1, 3, 1], dw_kernel_size=5, level2_post_norm=True,
                  level2_post_norm_block_ids=[0, 2], res_post_norm=True,
                  center_feature_scale=True, use_clip_projector=True)
-CONFIGS = {"conv": TINY, "clip": TINY_CLIP}
+# FlashInternImage (DCNv4 blocks) with S/B/L's flags; 16 channels per group as released.
+TINY_FLASH = dict(channels=32, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16], num_classes=10,
+                  layer_scale=1.0, post_norm=True, dw_kernel_size=3)
+CONFIGS = {"conv": TINY, "clip": TINY_CLIP, "flash": TINY_FLASH}
+KINDS = ["conv", "clip", "flash"]
 VARIANTS = ["t", "s", "b", "l", "xl", "h", "g"]
 # Architectures beyond the variants: H with the iNaturalist metadata head (tests/test_meta_head.py)
 EXTRA_ARCHS = ["h_meta"]
@@ -44,7 +48,21 @@ RELEASED = {
 
 def tiny(kind: str = "conv", **kwargs) -> InternImage:
     torch.manual_seed(0)
+    if kind == "flash":
+        return live_dcnv4(timm.create_model("flash_internimage_t", **dict(TINY_FLASH, **kwargs)))
     return timm.create_model("internimage_t", **dict(CONFIGS[kind], **kwargs))
+
+
+def live_dcnv4(model: torch.nn.Module) -> torch.nn.Module:
+    """Random offset_mask projections (the init zeroes them, so DCNv4 outputs only its
+    bias), the same for every model with its DCNv4 modules in the same order."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, internimage.DCNv4):
+                weight = module.offset_mask.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    return model
 
 
 # --- registration and pretrained cfgs ---------------------------------------------------------
@@ -118,7 +136,7 @@ def test_default_cfg_contract(tag: str, kind: str, num_features: int, hidden: in
 # --- heads ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["conv", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_classifier_reset(kind: str) -> None:
     model = tiny(kind).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -130,8 +148,9 @@ def test_classifier_reset(kind: str) -> None:
     assert isinstance(model.get_classifier(), torch.nn.Identity)
     assert model(x).shape == (2, model.head_hidden_size)
     model.reset_classifier(0, "")
-    assert model(x).shape == (2, model.head_hidden_size if kind == "conv" else 1024, 2 * (
-        1 if kind == "conv" else 2), 2 * (1 if kind == "conv" else 2))
+    clip = kind == "clip"  # the clip head's fused map: 1024 channels at stride 16
+    assert model(x).shape == (2, 1024 if clip else model.head_hidden_size, 2 * (1 + clip),
+                              2 * (1 + clip))
     model.reset_classifier(5, "", reset_other=True)
     out = model(x)  # per-pixel classifier without pooling
     assert out.ndim == 4 and out.shape[:2] == (2, 5)
@@ -167,45 +186,50 @@ def test_clip_head_rejects_other_pools_until_reset_other() -> None:
 # --- features ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["conv", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("feature_cls", [None, "getter"])
 def test_features_only(kind: str, feature_cls: str | None) -> None:
     kwargs = dict(CONFIGS[kind], features_only=True)
     if feature_cls:
         kwargs["feature_cls"] = feature_cls
     torch.manual_seed(0)  # same initial weights as tiny(kind)
-    model = timm.create_model("internimage_t", **kwargs).eval()
-    assert model.feature_info.channels() == [16, 32, 64, 128]
+    arch = "flash_internimage_t" if kind == "flash" else "internimage_t"
+    model = timm.create_model(arch, **kwargs).eval()
+    if kind == "flash":
+        live_dcnv4(model)
+    c = CONFIGS[kind]["channels"]
+    assert model.feature_info.channels() == [c, 2 * c, 4 * c, 8 * c]
     assert model.feature_info.reduction() == [4, 8, 16, 32]
     assert model.feature_info.module_name() == [f"stages.{i}" for i in range(4)]
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         feats = model(x)
-    assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6),
-                                               (2, 128, 2, 3)]
+    assert [tuple(f.shape) for f in feats] == [(2, c, 16, 24), (2, 2 * c, 8, 12),
+                                               (2, 4 * c, 4, 6), (2, 8 * c, 2, 3)]
     reference = tiny(kind).eval()
     with torch.no_grad():
         _, expected = reference.forward_intermediates(x)
     for ours, ref in zip(feats, expected, strict=True):
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
-    model = timm.create_model("internimage_t", **dict(kwargs, out_indices=(1, 3))).eval()
+    model = timm.create_model(arch, **dict(kwargs, out_indices=(1, 3))).eval()
     assert model.feature_info.reduction() == [8, 32]
     with torch.no_grad():
-        assert [f.shape[1] for f in model(x)] == [32, 128]
+        assert [f.shape[1] for f in model(x)] == [2 * c, 8 * c]
 
 
-@pytest.mark.parametrize("kind", ["conv", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_forward_intermediates(kind: str) -> None:
     model = tiny(kind).eval()
+    c = CONFIGS[kind]["channels"]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
         torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
-        assert [t.shape[1] for t in inter] == [16, 32, 64, 128]
+        assert [t.shape[1] for t in inter] == [c, 2 * c, 4 * c, 8 * c]
         assert all(t.is_contiguous(memory_format=torch.channels_last) for t in inter)
         last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
-        assert [t.shape[1] for t in last2] == [64, 128]
+        assert [t.shape[1] for t in last2] == [4 * c, 8 * c]
         picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
         torch.testing.assert_close(picked[0], inter[0], rtol=0, atol=0)
         torch.testing.assert_close(picked[1], inter[3], rtol=0, atol=0)
@@ -217,21 +241,22 @@ def test_forward_intermediates(kind: str) -> None:
         model.forward_intermediates(x, output_fmt="NLC")
 
 
-@pytest.mark.parametrize("kind", ["conv", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_prune_intermediate_layers(kind: str) -> None:
     model = tiny(kind).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         _, expected = model.forward_intermediates(x)
     kept = model.prune_intermediate_layers([0, 1])
+    c = CONFIGS[kind]["channels"]
     assert kept == [0, 1] and len(model.stages) == 2
-    assert model.num_features == 32
+    assert model.num_features == 2 * c
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
         out = model(x)
     torch.testing.assert_close(inter[1], expected[1], rtol=0, atol=0)
     torch.testing.assert_close(final, expected[1], rtol=0, atol=0)
-    assert out.shape == (1, 32, 8, 8)
+    assert out.shape == (1, 2 * c, 8, 8)
 
 
 # --- optimizer integration --------------------------------------------------------------------
@@ -285,7 +310,7 @@ def test_no_weight_decay_and_offset_param_names() -> None:
 # --- training behaviour ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["conv", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_grad_checkpointing_is_identical(kind: str) -> None:
     model = tiny(kind).train()
     x = torch.randn(2, 3, 64, 64)
@@ -301,7 +326,8 @@ def test_grad_checkpointing_is_identical(kind: str) -> None:
     torch.testing.assert_close(out_cp, out, rtol=0, atol=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-6, atol=1e-9, msg=name)
-    with_cp = timm.create_model("internimage_t", **CONFIGS[kind], with_cp=True)
+    arch = "flash_internimage_t" if kind == "flash" else "internimage_t"
+    with_cp = timm.create_model(arch, **CONFIGS[kind], with_cp=True)
     assert all(stage.grad_checkpointing for stage in with_cp.stages)
 
 
@@ -381,7 +407,7 @@ def test_torch_fx_feature_extractor() -> None:
         torch.testing.assert_close(out["out"], model(x))
 
 
-@pytest.mark.parametrize("kind", ["conv", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_channels_last_input_and_model(kind: str) -> None:
     model = tiny(kind).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -394,7 +420,7 @@ def test_channels_last_input_and_model(kind: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["conv", "clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_dtypes(kind: str, dtype: torch.dtype) -> None:
     model = tiny(kind).eval()
     x = torch.randn(2, 3, 64, 64)

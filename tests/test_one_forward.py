@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from internimage import InternImage
+from internimage import FlashInternImage, InternImage
 
 MODES = {
     "eval_no_grad": (False, torch.no_grad),
@@ -33,6 +33,15 @@ def small_model(**kwargs) -> InternImage:
     torch.manual_seed(0)
     return InternImage(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8), num_classes=10,
                        drop_path_rate=0.0, **kwargs)
+
+
+def small_flash_model() -> FlashInternImage:
+    """FlashInternImage with L's flags: depthwise offset branch, DCN and fc2 biases."""
+    torch.manual_seed(0)
+    return FlashInternImage(channels=16, depths=(1, 1, 2, 1), groups=(1, 2, 4, 8),
+                            num_classes=10, drop_path_rate=0.0, layer_scale=1e-5,
+                            post_norm=True, dw_kernel_size=3, dcn_output_bias=True,
+                            mlp_fc2_bias=True)
 
 
 def parametrised_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -113,3 +122,22 @@ def test_forward_does_not_depend_on_grad_mode() -> None:
     # one program: the same kernels in the same order, so equal bit for bit
     torch.testing.assert_close(no_grad, with_grad.detach(), rtol=0, atol=0)
     torch.testing.assert_close(inference, no_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_parametrised_module_of_flash_internimage_is_called(mode: str) -> None:
+    model = small_flash_model()
+    training, context = MODES[mode]
+    model.train(training)
+    modules = parametrised_modules(model)
+    called: set[str] = set()
+    for name, module in modules.items():
+        module.register_forward_hook(lambda m, a, o, name=name: called.add(name))
+    with context():
+        model(torch.randn(2, 3, 64, 64))
+    missing = sorted(set(modules) - called)
+    assert not missing, f"{len(missing)} of {len(modules)} never called: {missing[:8]}"
+    block = "stages.0.blocks.0."
+    for leaf in ("dcn.value_proj", "dcn.offset_mask_dw", "dcn.offset_mask", "dcn.output_proj",
+                 "mlp.fc1", "mlp.fc2", "norm1", "norm2"):
+        assert block + leaf in called

@@ -310,6 +310,71 @@ def test_every_recipe_is_valid(recipe: str) -> None:
         assert cfg["aug"]["label_smoothing"] == 0.3 and cfg["sched"]["epochs"] == 20
 
 
+def test_train_flash_internimage_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                          ) -> None:
+    """The bare FlashInternImage class from model.kwargs trains, and its weights file names
+    the class, so predict rebuilds it."""
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", "--quiet", "--epochs", "1", "--batch-size", "32",
+                             "--set", "data.train_limit=64", "--set", "data.val_limit=32",
+                             "--set", "model.name=flash_internimage",
+                             "--set", "model.kwargs.channels=16",
+                             "--set", "model.kwargs.groups=[1,2,4,8]", "--output", str(out)],
+                            capsys)
+    assert code == 0, err
+    assert "done: 1 epoch(s)" in stdout
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+        keys = set(handle.keys())
+    assert meta["model_name"] == "flash_internimage"
+    assert "stages.0.blocks.0.dcn.offset_mask.weight" in keys
+    from internimage.cli.common import model_from_checkpoint
+
+    model, info = model_from_checkpoint(None, str(out / "model.safetensors"), False,
+                                        torch.device("cpu"))
+    assert type(model).__name__ == "FlashInternImage" and len(info["class_names"]) == 10
+
+
+def test_flash_recipes_name_the_family_and_the_original_drop_paths(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A recipe per variant; --model with --data picks the variant's fine-tuning recipe."""
+    import yaml
+
+    drop_paths = dict(t=0.1, s=0.4, b=0.5, l=0.1)  # the original classification configs
+    for variant, drop_path in drop_paths.items():
+        kinds = ("in1k", "ft") if variant != "l" else ("ft",)
+        for kind in kinds:
+            cfg = load_recipe(config_dir() / f"flash_internimage_{variant}_{kind}.yaml")
+            assert cfg["model"]["name"] == f"flash_internimage_{variant}"
+            assert cfg["model"]["drop_path_rate"] == drop_path
+        code, stdout, err = run(["train", "--model", f"flash_internimage_{variant}", "--data",
+                                 str(tmp_path), "--print-config"], capsys)
+        assert code == 0, err
+        cfg = yaml.safe_load(stdout)
+        assert cfg["model"]["drop_path_rate"] == drop_path
+        assert cfg["model"]["grad_checkpointing"] is (variant == "l")  # L's with_cp
+        assert cfg["data"]["img_size"] == (384 if variant == "l" else 224)
+
+
+def test_param_groups_dcn_lr_of_flash_internimage() -> None:
+    """As the original DCNv4 training code does ('offset' in the name), the packed
+    offset_mask projection and its depthwise conv train at dcn_lr_mul x the LR."""
+    from internimage.cli_common import build_model
+    from internimage.train import build_param_groups
+
+    model = build_model("flash_internimage", num_classes=10,
+                        kwargs=dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8],
+                                    dw_kernel_size=3))
+    groups = build_param_groups(model, 0.05, layer_decay=0.5, dcn_lr_mul=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert len(scale) == len(names)
+    assert scale["stages.3.blocks.0.dcn.offset_mask.weight"] == pytest.approx(0.05)
+    assert scale["stages.3.blocks.0.dcn.offset_mask_dw.weight"] == pytest.approx(0.05)
+    assert scale["stages.3.blocks.0.dcn.value_proj.weight"] == pytest.approx(0.5)
+    assert scale["stem.conv1.weight"] == pytest.approx(0.5 ** 6)
+
+
 def test_param_groups_layer_decay_and_dcn_lr() -> None:
     from internimage.cli_common import build_model
     from internimage.train import build_param_groups

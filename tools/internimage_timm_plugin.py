@@ -1,10 +1,11 @@
-"""pytest plugin that points timm's own ``tests/test_models.py`` at the internimage_* family.
+"""pytest plugin that points timm's own ``tests/test_models.py`` at the internimage_* and
+flash_internimage_* families.
 
-timm's test module builds its model lists when it is imported, so the family must be
+timm's test module builds its model lists when it is imported, so the families must be
 registered before collection: loading this plugin (``-p internimage_timm_plugin``) imports
 ``internimage`` first. It also narrows the lists to the models named in
 ``INTERNIMAGE_TIMM_SUITE_MODELS`` (comma separated, default ``internimage_t``), adds the
-family to the module list of timm's ``forward_intermediates`` tests, and deselects every
+families to the module list of timm's ``forward_intermediates`` tests, and deselects every
 test that is not parametrized with one of those models plus the tests in ``DESELECT``.
 
 Run it through ``tools/timm_suite.py``, which fetches the matching timm test files.
@@ -17,9 +18,10 @@ import os
 import pytest
 import timm
 
-import internimage  # noqa: F401  (registers internimage_t/s/b/l/xl/h/g with timm)
+import internimage  # noqa: F401  (registers internimage_* and flash_internimage_* with timm)
 
-MODEL_MODULE = "internimage"
+# timm's module names of the two model files (internimage.py, flash_internimage.py)
+MODEL_MODULES = ["internimage", "flash_internimage"]
 MODELS = tuple(
     name.strip()
     for name in os.environ.get("INTERNIMAGE_TIMM_SUITE_MODELS", "internimage_t").split(",")
@@ -43,9 +45,9 @@ def _ours(names: list[str]) -> list[str]:
 
 def list_models(filter="", module="", *args, **kwargs) -> list[str]:
     """timm.list_models restricted to MODELS; a module list (timm's FEAT_INTER_FILTERS)
-    gains this family, so the forward_intermediates tests cover it."""
+    gains these families, so the forward_intermediates tests cover them."""
     if module and not isinstance(module, str):
-        module = [*module, MODEL_MODULE]
+        module = [*module, *MODEL_MODULES]
     return _ours(_list_models(filter, module, *args, **kwargs))
 
 
@@ -59,11 +61,12 @@ timm.list_pretrained = list_pretrained
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    unknown = [name for name in MODELS if name not in _list_models(module=MODEL_MODULE)]
+    registered = _list_models(module=MODEL_MODULES)
+    unknown = [name for name in MODELS if name not in registered]
     if unknown or not MODELS:
         raise pytest.UsageError(
-            f"INTERNIMAGE_TIMM_SUITE_MODELS must name registered {MODEL_MODULE} models, got "
-            f"{list(MODELS)} (unknown: {unknown}); registered: {_list_models(module=MODEL_MODULE)}"
+            f"INTERNIMAGE_TIMM_SUITE_MODELS must name registered {' / '.join(MODEL_MODULES)} "
+            f"models, got {list(MODELS)} (unknown: {unknown}); registered: {registered}"
         )
     # timm marks tests with pytest-timeout's marker; register it in case that plugin is absent
     config.addinivalue_line("markers", "timeout(seconds): per-test timeout (pytest-timeout)")

@@ -1,4 +1,5 @@
-"""Runs timm's own model test suite (``tests/test_models.py``) on the internimage_* family.
+"""Runs timm's own model test suite (``tests/test_models.py``) on the internimage_* and
+flash_internimage_* families.
 
 timm does not ship its tests in the wheel, so this fetches the sdist of the *installed* timm
 version from PyPI once (``pip download --no-deps --no-binary :all: timm==X``), keeps only its
@@ -13,7 +14,7 @@ narrows timm's model lists to the chosen variants and lists what it deselects, a
 Usage::
 
     python tools/timm_suite.py                            # internimage_t (about 30 s on a CPU)
-    python tools/timm_suite.py --models internimage_t,internimage_s -- -x -v
+    python tools/timm_suite.py --models internimage_t,flash_internimage_t -- -x -v
 
 Exit status: pytest's, or 2 with a message on stderr when the sdist cannot be fetched.
 """

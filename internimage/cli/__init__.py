@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``internimage`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="internimage",
-        description="InternImage (DCNv3) for PyTorch and timm: list, benchmark, predict, "
-                    "convert, export, train and validate.",
+        description="InternImage (DCNv3) and FlashInternImage (DCNv4) for PyTorch and timm: "
+                    "list, benchmark, predict, convert, export, train and validate.",
     )
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="show the versions of internimage and torch, the CUDA build, the "

@@ -9,10 +9,11 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bench", help="time the DCNv3 op and a model against a timm baseline",
-        description="Times the DCNv3 op (compiled vs pure-PyTorch reference) at the model's "
-                    "stage shapes, then the model against a timm baseline, on the current "
-                    "device: images/s, latency, peak memory and the ratios.")
+        "bench", help="time the DCN op and a model against a timm baseline",
+        description="Times the model's DCN op (DCNv3 for internimage_*, DCNv4 for "
+                    "flash_internimage_*; compiled vs pure-PyTorch reference) at its stage "
+                    "shapes, then the model against a timm baseline, on the current device: "
+                    "images/s, latency, peak memory and the ratios.")
     p.add_argument("--model", default="internimage_t", help="model to time (default: %(default)s)")
     p.add_argument("--compare", default="convnext_tiny",
                    help="timm baseline timed in the same run, 'none' to skip "
@@ -26,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last model and input")
     p.add_argument("--paths", default=None,
                    help="how the models run, comma-separated: eager (as built), optimized "
-                        "(internimage.optimize_for_inference, InternImage models only), "
+                        "(internimage.optimize_for_inference; internimage_* models only, "
+                        "it leaves FlashInternImage as built), "
                         "compiled (torch.compile; Inductor freezing for inference), "
                         "optimized+compiled (default: all four; eager,compiled with --train)")
     p.add_argument("--train", action="store_true",
@@ -40,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="maximum timed iterations per case (default: 10)")
     p.add_argument("--budget", type=float, default=15.0,
                    help="stop timing a case after this many seconds (default: 15)")
-    p.add_argument("--skip-op", action="store_true", help="skip the DCNv3 op part")
+    p.add_argument("--skip-op", action="store_true", help="skip the DCN op part")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="write the environment, every sample and the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,11 +15,13 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="original .pth checkpoint -> safetensors",
-        description="Converts an original InternImage checkpoint into a safetensors file in "
-                    "this package's layout (loaded safely, validated against the model).")
+        description="Converts an original InternImage or FlashInternImage checkpoint into a "
+                    "safetensors file in this package's layout (loaded safely, validated "
+                    "against the model).")
     p.add_argument("src", metavar="ORIGINAL.pth", help="original checkpoint")
     p.add_argument("dst", metavar="OUT.safetensors", help="output file")
-    p.add_argument("--model", required=True, help="variant, e.g. internimage_t")
+    p.add_argument("--model", required=True,
+                   help="variant, e.g. internimage_t or flash_internimage_t")
     add_model_arg(p)
     p.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="classes of the written head (default: the checkpoint's); 1000 for an "
@@ -38,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
         convert_checkpoint,
         save_safetensors,
     )
-    from internimage.cli_common import build_model, check_model_name, read_safetensors_metadata
+    from internimage.cli_common import (
+        CUSTOM_MODELS,
+        build_model,
+        check_model_name,
+        read_safetensors_metadata,
+    )
     from internimage.files import atomic_path
 
     src, dst = Path(args.src), Path(args.dst)
@@ -47,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if dst.suffix != ".safetensors":
         raise CommandError(f"DST: expected a path ending in '.safetensors', got '{dst}'")
     check_model_name(args.model)
-    if args.model == "internimage":
-        raise CommandError("--model: convert needs a registered variant (e.g. internimage_t); "
-                           "describe other architectures with --model-arg")
+    if args.model in CUSTOM_MODELS:
+        raise CommandError("--model: convert needs a registered variant (e.g. internimage_t or "
+                           "flash_internimage_t); describe other architectures with "
+                           "--model-arg")
     model_args = parse_model_args(args.model_args)
     if "num_classes" in model_args:
         raise CommandError("--model-arg: pass the number of classes with --num-classes")

@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None,
                    help="input side (default: the model's input size)")
     p.add_argument("--custom-op", action="store_true",
-                   help="emit the DCNv3 custom op instead of its standard-op decomposition")
+                   help="emit the DCNv3 / DCNv4 custom op instead of its standard-op "
+                        "decomposition")
     p.add_argument("--static-batch", action="store_true", help="fixed batch dimension of 1")
     p.add_argument("--force", action="store_true", help="overwrite an existing --onnx file")
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     size = os.path.getsize(out) if out.exists() else 0
     print(f"wrote {out} ({size / 2**20:.1f} MiB, input 1x3x{img_size}x{img_size}, "
           f"{'static' if args.static_batch else 'dynamic'} batch, "
-          f"{'custom DCNv3 op' if args.custom_op else 'standard ONNX ops'})"
+          f"{'custom DCN op' if args.custom_op else 'standard ONNX ops'})"
           + (f" -> {result}" if isinstance(result, str | Path) and str(result) != str(out)
              else ""))
     return 0

@@ -14,9 +14,10 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models", help="list the variants and pretrained tags with params and FLOPs",
-        description="Table of the registered InternImage variants and pretrained tags: "
-                    "parameters, GMACs/GFLOPs at the tag's input size (DCNv3 op included; "
-                    "counted on the meta device), input size, stage channels, classes.")
+        description="Table of the registered InternImage and FlashInternImage variants and "
+                    "pretrained tags: parameters, GMACs/GFLOPs at the tag's input size "
+                    "(DCNv3 / DCNv4 op included; counted on the meta device), input size, "
+                    "stage channels, classes.")
     p.add_argument("--filter", default=None, help="only rows whose name contains this text")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
 
@@ -28,14 +29,16 @@ def run(args: argparse.Namespace) -> int:
     from internimage.files import atomic_write_text
     from internimage.flops import model_complexity
 
-    names = timm.list_models("internimage_*", pretrained=True, include_tags=True)
-    untagged = [n for n in timm.list_models("internimage_*")
+    families = ["internimage_*", "flash_internimage_*"]
+    names = timm.list_models(families, pretrained=True, include_tags=True)
+    untagged = [n for n in timm.list_models(families)
                 if not any(t.split(".")[0] == n for t in names)]
     entries = sorted(names + untagged, key=_variant_order)
     if args.filter:
         entries = [e for e in entries if args.filter in e]
         if not entries:
-            raise CommandError(f"--filter: no InternImage model or tag contains {args.filter!r}")
+            raise CommandError(f"--filter: no InternImage or FlashInternImage model or tag "
+                               f"contains {args.filter!r}")
     rows, records = [], []
     for entry in entries:
         arch, _, tag = entry.partition(".")
@@ -53,16 +56,18 @@ def run(args: argparse.Namespace) -> int:
     headers = ["model", "tag", "params (M)", "GMACs", "GFLOPs", "input", "stage channels",
                "classes", "original weights file"]
     print(format_table(headers, rows, align="llrrrllrl"))
-    print("\nGFLOPs: torch.utils.flop_counter (1 multiply-add = 2 FLOPs) with the DCNv3 op "
-          "counted as 5 MACs per sampling point and channel; the paper's 'FLOPs' are GMACs. "
-          "Counted on the meta device at each tag's input size.")
+    print("\nGFLOPs: torch.utils.flop_counter (1 multiply-add = 2 FLOPs) with the DCNv3 / "
+          "DCNv4 op counted as 5 MACs per sampling point and channel; the papers' 'FLOPs' are "
+          "GMACs. Counted on the meta device at each tag's input size.")
     if args.json:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
     return 0
 
 
-def _variant_order(name: str) -> tuple[int, str]:
+def _variant_order(name: str) -> tuple[bool, int, str]:
+    """InternImage first, then FlashInternImage; each from T to G."""
     order = ["t", "s", "b", "l", "xl", "h", "g"]
     arch = name.split(".")[0]
-    size = arch.removeprefix("internimage_").removesuffix("_meta")  # h_meta sorts after h
-    return (order.index(size) if size in order else len(order), name)
+    flash = arch.startswith("flash_")
+    size = arch.removeprefix("flash_").removeprefix("internimage_").removesuffix("_meta")
+    return (flash, order.index(size) if size in order else len(order), name)  # h_meta after h

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--no-optimize", action="store_true",
                    help="run the model as built, not internimage.optimize_for_inference "
-                        "(which the CPU uses by default)")
+                        "(which the CPU uses by default; it has fused kernels for InternImage, "
+                        "not FlashInternImage)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write results as JSON")
 
 
@@ -72,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
                                         parse_model_args(args.model_args))
     model.eval()
     if device.type == "cpu" and not args.no_optimize:
-        from internimage.inference import optimize_for_inference
+        from internimage.inference import InferenceDCNv3, optimize_for_inference
 
         model = optimize_for_inference(model, inplace=True)
-        print("using internimage.optimize_for_inference (fused float32 CPU kernels; "
-              "--no-optimize to run the model as built)")
+        if any(isinstance(m, InferenceDCNv3) for m in model.modules()):  # not FlashInternImage
+            print("using internimage.optimize_for_inference (fused float32 CPU kernels; "
+                  "--no-optimize to run the model as built)")
     data_config = resolve_data_config(model=model)
     if args.img_size is not None:
         data_config["input_size"] = (3, args.img_size, args.img_size)
