@@ -1,12 +1,15 @@
-"""CPU inference latency of InternImage-T against timm's ConvNeXt-T, every path side by side.
+"""CPU inference latency of FlashInternImage-T, InternImage-T and timm's ConvNeXt-T, every path
+side by side.
 
 For batch 1 and 8 at 224x224, float32, ``torch.inference_mode``, one process: InternImage-T
 eager (as built), after ``internimage.optimize_for_inference``, compiled (``torch.compile``
-with Inductor freezing) and optimized-then-compiled; ConvNeXt-T eager and compiled. Each case
+with Inductor freezing) and optimized-then-compiled; FlashInternImage-T and ConvNeXt-T eager
+and compiled (``optimize_for_inference`` leaves FlashInternImage's DCNv4 layers as built). Each case
 is set up and warmed up, then the cases are timed interleaved, round by round (so drift in
 the machine's speed hits them alike), with ``internimage bench``'s timing code; medians of
 wall-clock and process CPU time. The table also gives each path's multiply-adds per second
-as a share of a float32 4096^3 GEMM measured in the same run, and the ratios.
+as a share of a float32 4096^3 GEMM measured in the same run, and the ratios of each model
+to each model after it (FlashInternImage-T / InternImage-T, ... / ConvNeXt-T).
 
     python benchmarks/bench_model.py                       # batch 1 and 8, 224x224
     python benchmarks/bench_model.py --runs 20 --threads 2
@@ -34,6 +37,8 @@ from internimage.flops import model_complexity
 
 #: (model, path) timed for each batch size (paths: internimage.bench.PATHS).
 CASES = [
+    ("flash_internimage_t", "eager"),
+    ("flash_internimage_t", "compiled"),
     ("internimage_t", "eager"),
     ("internimage_t", "optimized"),
     ("internimage_t", "compiled"),

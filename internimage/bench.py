@@ -574,8 +574,8 @@ def _best(cases: list[Case]) -> Case | None:
 
 def model_table(model_cases: list[Case], complexity: dict[str, dict[str, Any]],
                 env: dict[str, Any]) -> list[str]:
-    """The models' table (one row per model and path) and the ratios of the first model's
-    paths to the baseline's: path by path, and best against best. With ``gemm_peak_gflops``
+    """The models' table (one row per model and path) and the latency ratios of each model to
+    each model after it: path by path, and best against best. With ``gemm_peak_gflops``
     in ``env``, each row's multiply-adds per second as a share of that GEMM rate."""
     peak = env.get("gemm_peak_gflops")
     rows = []
@@ -603,22 +603,28 @@ def model_table(model_cases: list[Case], complexity: dict[str, dict[str, Any]],
     if peak:
         lines.append(f"GEMM peak: {peak:.0f} GFLOP/s (float32, 4096^3, same run)")
     names = list(dict.fromkeys(c.info["model"] for c in model_cases))
-    if len(names) == 2:
-        ours = {c.info["path"]: c for c in model_cases if c.info["model"] == names[0]}
-        base = {c.info["path"]: c for c in model_cases if c.info["model"] == names[1]}
-        ratios = []
-        for path, case in ours.items():
-            other = base.get(path)
-            if other is not None and case.samples and other.samples:
-                ratios.append(f"{path} {case.median / other.median:.2f}x")
-        best_ours, best_base = _best(list(ours.values())), _best(list(base.values()))
-        if best_ours is not None and best_base is not None:
-            ratios.append(
-                f"best ({best_ours.info['path']}) / best ({best_base.info['path']}) "
-                f"{best_ours.median / best_base.median:.2f}x")
-        if ratios:
-            lines.append(f"latency {names[0]} / {names[1]}: " + ", ".join(ratios))
+    for index, name in enumerate(names):
+        for baseline in names[index + 1:]:
+            ratios = _ratios(model_cases, name, baseline)
+            if ratios:
+                lines.append(f"latency {name} / {baseline}: " + ", ".join(ratios))
     return lines
+
+
+def _ratios(model_cases: list[Case], name: str, baseline: str) -> list[str]:
+    """``name``'s latency over ``baseline``'s, path by path, then best path against best."""
+    ours = {c.info["path"]: c for c in model_cases if c.info["model"] == name}
+    base = {c.info["path"]: c for c in model_cases if c.info["model"] == baseline}
+    ratios = []
+    for path, case in ours.items():
+        other = base.get(path)
+        if other is not None and case.samples and other.samples:
+            ratios.append(f"{path} {case.median / other.median:.2f}x")
+    best_ours, best_base = _best(list(ours.values())), _best(list(base.values()))
+    if best_ours is not None and best_base is not None:
+        ratios.append(f"best ({best_ours.info['path']}) / best ({best_base.info['path']}) "
+                      f"{best_ours.median / best_base.median:.2f}x")
+    return ratios
 
 
 def _cell(case: Case | None, fmt: Callable[[Any], str]) -> str:
