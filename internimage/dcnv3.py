@@ -121,12 +121,13 @@ def softmax_over_points(logits: Tensor, group: int, points: int) -> Tensor:
 
 
 @torch.fx.wrap  # a leaf for torch.fx: its shape tests cannot run on a Proxy
-def check_nhwc_input(x: Tensor, channels: int) -> Tensor:
-    """``x`` unchanged when it is ``(N, H, W, channels)``; ValueError otherwise (an NCHW
-    tensor would otherwise fail deep inside a matrix multiply)."""
+def check_nhwc_input(x: Tensor, channels: int, layer: str = "DCNv3") -> Tensor:
+    """``x`` unchanged when it is ``(N, H, W, channels)``; ValueError naming ``layer``
+    otherwise (an NCHW tensor would otherwise fail deep inside a matrix multiply, or run on a
+    wrong layout). Shared by the DCNv3 and DCNv4 layers."""
     if x.dim() != 4 or x.shape[3] != channels:
         raise ValueError(
-            f"DCNv3: input must be channels-last (N, H, W, C) with C = {channels}, got shape "
+            f"{layer}: input must be channels-last (N, H, W, C) with C = {channels}, got shape "
             f"{list(x.shape)}" + (
                 " (an NCHW tensor? pass x.permute(0, 2, 3, 1))"
                 if x.dim() == 4 and x.shape[1] == channels else ""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from internimage import ops as _ops
+from internimage.dcnv3 import check_nhwc_input
 
 __all__ = ["DCNv4", "DCNV4_CORE_OPS", "dcnv4_core", "dcnv4_core_reference"]
 
@@ -75,19 +76,9 @@ def dcnv4_core_reference(
     )
 
 
-@torch.fx.wrap  # a leaf for torch.fx: its shape tests cannot run on a Proxy
-def check_nhwc_input(x: Tensor, channels: int) -> Tensor:
-    """``x`` unchanged when it is ``(N, H, W, channels)``; ValueError otherwise (an NCHW
-    tensor would otherwise fail deep inside a matrix multiply, or run on a wrong layout)."""
-    if x.dim() != 4 or x.shape[3] != channels:
-        raise ValueError(
-            f"DCNv4: input must be channels-last (N, H, W, C) with C = {channels}, got shape "
-            f"{list(x.shape)}" + (
-                " (an NCHW tensor? pass x.permute(0, 2, 3, 1))"
-                if x.dim() == 4 and x.shape[1] == channels else ""
-            )
-        )
-    return x
+# DCNv3's input check, made a torch.fx leaf here too (fx.wrap patches the name in the globals
+# of the module that calls it).
+torch.fx.wrap("check_nhwc_input")
 
 
 @torch.jit.unused
@@ -294,7 +285,7 @@ class DCNv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, H, W, C)`` -> ``(N, H, W, C)``, channels-last in and out."""
-        x = check_nhwc_input(x, self.channels)
+        x = check_nhwc_input(x, self.channels, "DCNv4")
         value = self.value_proj(x)
         # The depthwise conv runs on the NCHW view of the NHWC input (channels_last memory);
         # its channels_last output permutes back to contiguous NHWC without a copy.
