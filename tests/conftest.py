@@ -71,3 +71,31 @@ def to_original_layout(state_dict: dict) -> dict:
                 break
         out[key] = value
     return out
+
+
+def build_golden_model(model_class: type, golden: dict, core_op: str,
+                       dtype: torch.dtype) -> torch.nn.Module:
+    """`model_class` (InternImage or FlashInternImage) built from a golden model file's
+    config, its original state dict loaded strictly through the checkpoint filter."""
+    from internimage import checkpoint_filter_fn
+
+    model = model_class(**dict(golden["config"], core_op=core_op))
+    result = model.load_state_dict(checkpoint_filter_fn(golden["state_dict"], model))
+    assert not result.missing_keys and not result.unexpected_keys
+    return model.to(dtype).eval()
+
+
+def run_golden_model(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """The outputs a golden model file holds: stem, stage maps, pre-logits and logits."""
+    with torch.no_grad():
+        stem = model.stem(x)
+        final, stages = model.forward_intermediates(x)
+        features = model.forward_features(x)
+        pre_logits = model.forward_head(final, pre_logits=True)
+        logits = model(x)
+    torch.testing.assert_close(final, features, rtol=0, atol=0)
+    return dict(stem=stem, stages=stages, pre_logits=pre_logits, logits=logits)
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import GOLDEN_FLASH_DIR, golden_files, load_golden, to_original_layout
+from conftest import (
+    GOLDEN_FLASH_DIR,
+    build_golden_model,
+    golden_files,
+    load_golden,
+    nhwc,
+    run_golden_model,
+    to_original_layout,
+)
 
 from internimage import (
     DCNv4,
@@ -36,25 +44,7 @@ def golden(request: pytest.FixtureRequest) -> dict:
 
 def build(golden: dict, core_op: str = "DCNv4", dtype: torch.dtype = torch.float64,
           ) -> FlashInternImage:
-    model = FlashInternImage(**dict(golden["config"], core_op=core_op))
-    result = model.load_state_dict(checkpoint_filter_fn(golden["state_dict"], model))
-    assert not result.missing_keys and not result.unexpected_keys
-    return model.to(dtype).eval()
-
-
-def run(model: FlashInternImage, x: torch.Tensor) -> dict:
-    with torch.no_grad():
-        stem = model.stem(x)
-        final, stages = model.forward_intermediates(x)
-        features = model.forward_features(x)
-        pre_logits = model.forward_head(final, pre_logits=True)
-        logits = model(x)
-    torch.testing.assert_close(final, features, rtol=0, atol=0)
-    return dict(stem=stem, stages=stages, pre_logits=pre_logits, logits=logits)
-
-
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
+    return build_golden_model(FlashInternImage, golden, core_op, dtype)
 
 
 def assert_matches(out: dict, golden: dict, suffix: str, atol: dict) -> None:
@@ -78,7 +68,7 @@ def assert_matches(out: dict, golden: dict, suffix: str, atol: dict) -> None:
 def test_golden_float64(golden: dict, core_op: str) -> None:
     model = build(golden, core_op)
     assert sum(p.numel() for p in model.parameters()) == golden["meta"]["param_count"]
-    out = run(model, golden["input"])
+    out = run_golden_model(model, golden["input"])
     assert_matches(out, golden, "", dict.fromkeys(F32_ATOL, F64_ATOL))
 
 
@@ -87,7 +77,7 @@ def test_golden_float32(golden: dict, optimized: bool) -> None:
     model = build(golden, dtype=torch.float32)
     if optimized:
         model = optimize_for_inference(model)
-    out = run(model, golden["input"].float())
+    out = run_golden_model(model, golden["input"].float())
     assert_matches(out, golden, "", F32_ATOL)
     # and against the original model run entirely in float32
     assert_matches(out, golden, "_fp32", F32_ATOL)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import load_golden
+from conftest import build_golden_model, load_golden, nhwc, run_golden_model
 
 from internimage import InternImage, checkpoint_filter_fn, optimize_for_inference
 
@@ -33,32 +33,14 @@ def golden(request: pytest.FixtureRequest) -> dict:
 
 
 def build(golden: dict, core_op: str, dtype: torch.dtype) -> InternImage:
-    model = InternImage(**dict(golden["config"], core_op=core_op))
-    result = model.load_state_dict(checkpoint_filter_fn(golden["state_dict"], model))
-    assert not result.missing_keys and not result.unexpected_keys
-    return model.to(dtype).eval()
-
-
-def run(model: InternImage, x: torch.Tensor) -> dict:
-    with torch.no_grad():
-        stem = model.stem(x)
-        final, stages = model.forward_intermediates(x)
-        features = model.forward_features(x)
-        pre_logits = model.forward_head(final, pre_logits=True)
-        logits = model(x)
-    torch.testing.assert_close(final, features, rtol=0, atol=0)
-    return dict(stem=stem, stages=stages, pre_logits=pre_logits, logits=logits)
-
-
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
+    return build_golden_model(InternImage, golden, core_op, dtype)
 
 
 @pytest.mark.parametrize("core_op", ["DCNv3", "DCNv3_pytorch"])
 def test_golden_float64(golden: dict, core_op: str) -> None:
     model = build(golden, core_op, torch.float64)
     assert sum(p.numel() for p in model.parameters()) == golden["meta"]["param_count"]
-    out = run(model, golden["input"])
+    out = run_golden_model(model, golden["input"])
     torch.testing.assert_close(nhwc(out["stem"]), golden["stem"], rtol=0, atol=F64_ATOL,
                                msg="stem")
     assert len(out["stages"]) == len(golden["stages"]) == 4
@@ -75,7 +57,7 @@ def test_golden_float32(golden: dict, optimized: bool) -> None:
     model = build(golden, "DCNv3", torch.float32)
     if optimized:
         model = optimize_for_inference(model)
-    out = run(model, golden["input"].float())
+    out = run_golden_model(model, golden["input"].float())
     for i, (ours, ref) in enumerate(zip(out["stages"], golden["stages"], strict=True)):
         torch.testing.assert_close(nhwc(ours).double(), ref, rtol=0, atol=F32_STAGE_ATOL,
                                    msg=f"stage {i}")
