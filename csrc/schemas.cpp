@@ -34,7 +34,7 @@ TORCH_LIBRARY(internimage, m) {
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
       "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor)");
   // dcnv3 with `mask` replaced by its logits: the softmax over each group's points is applied
-  // inside the kernel (float32 CPU inference, forward only).
+  // inside the kernel (float32, CPU; its autograd formula in ops.py recomputes the softmax).
   m.def(
       "_dcnv3_mask_logits(Tensor input, Tensor offset, Tensor mask_logits, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation, int group, int group_channels, "

@@ -138,15 +138,26 @@ def check_nhwc_input(x: Tensor, channels: int, layer: str = "DCNv3") -> Tensor:
 
 @torch.jit.unused
 def _dcnv3_eager(
-    value: Tensor, offset: Tensor, mask: Tensor, kernel_size: int, pad: int, dilation: int,
-    group: int, group_channels: int, offset_scale: float, remove_center: bool,
+    value: Tensor, offset: Tensor, mask_logits: Tensor, kernel_size: int, pad: int,
+    dilation: int, group: int, group_channels: int, offset_scale: float, remove_center: bool,
 ) -> Tensor:
-    if _ops._has_kernel_for(value.device):  # the op repeats the functional API's checks
-        k, p, d = kernel_size, pad, dilation
-        return torch.ops.internimage.dcnv3.default(
-            value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
-            offset_scale, remove_center,
+    k, p, d = kernel_size, pad, dilation
+    geometry = ([k, k], [1, 1], [p, p], [d, d], group, group_channels, offset_scale,
+                remove_center)
+    # The softmax inside the kernel: one pass over the logits instead of five. Not in a
+    # torch.jit.trace, so saved TorchScript files call only the public op.
+    if (
+        value.device.type == "cpu" and _ops._has_kernel_for(value.device)
+        and value.dtype == offset.dtype == mask_logits.dtype == torch.float32
+        and not torch.jit.is_tracing()
+    ):
+        return torch.ops.internimage._dcnv3_mask_logits.default(
+            value, offset, mask_logits, *geometry
         )
+    mask = softmax_over_points(mask_logits, group, kernel_size * kernel_size - remove_center)
+    offset, mask = offset.to(value.dtype), mask.to(value.dtype)
+    if _ops._has_kernel_for(value.device):  # the op repeats the functional API's checks
+        return torch.ops.internimage.dcnv3.default(value, offset, mask, *geometry)
     return _dcnv3_op(  # warns once, then runs the reference
         value, offset, mask, kernel_size, 1, pad, dilation, group, group_channels,
         offset_scale, remove_center,
@@ -155,29 +166,33 @@ def _dcnv3_eager(
 
 @torch.fx.wrap  # a leaf for torch.fx: the kernel choice is Python control flow
 def dcnv3_core(
-    value: Tensor, offset: Tensor, mask: Tensor, kernel_size: int, pad: int, dilation: int,
-    group: int, group_channels: int, offset_scale: float, remove_center: bool,
+    value: Tensor, offset: Tensor, mask_logits: Tensor, kernel_size: int, pad: int,
+    dilation: int, group: int, group_channels: int, offset_scale: float, remove_center: bool,
     reference: bool,
 ) -> Tensor:
-    """The DCNv3 operator with a module's stride-1 geometry, NHWC in and out.
+    """The DCNv3 operator with a module's stride-1 geometry, NHWC in and out, applied to the
+    softmax of ``mask_logits`` over each group's points.
 
     ``reference`` runs :func:`internimage.ops.dcnv3_reference`; otherwise the compiled op,
     or, on a device it has no kernel for, the reference after a one-time warning (scripted
-    code calls the op, or the reference when the extension is not built).
+    code calls the op, or the reference when the extension is not built). On the CPU in
+    float32 the compiled op applies the softmax itself (``_dcnv3_mask_logits``).
     """
     k, p, d = kernel_size, pad, dilation
-    if reference:
-        return _ops._dcnv3_reference_scripted(
-            value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
-            offset_scale, remove_center,
-        )
-    if torch.jit.is_scripting():
+    if reference or torch.jit.is_scripting():
+        mask = softmax_over_points(mask_logits, group, k * k - int(remove_center))
+        offset, mask = offset.to(value.dtype), mask.to(value.dtype)
+        if reference:
+            return _ops._dcnv3_reference_scripted(
+                value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
+                offset_scale, remove_center,
+            )
         return _ops._dcnv3_scripted(
             value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
             offset_scale, remove_center,
         )
-    return _dcnv3_eager(value, offset, mask, k, p, d, group, group_channels, offset_scale,
-                        remove_center)
+    return _dcnv3_eager(value, offset, mask_logits, k, p, d, group, group_channels,
+                        offset_scale, remove_center)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -201,7 +216,8 @@ class DCNv3(nn.Module):
        ``mask = softmax over the P points of each group of mask(x1)`` ``(N, H, W, G*P)``
        (:func:`softmax_over_points`, in at least float32);
     4. ``y = dcnv3(v, offset, mask, ...)`` ``(N, H, W, C)`` (offset and mask in ``v``'s dtype,
-       as the original under autocast);
+       as the original under autocast); in float32 on the CPU one op applies the softmax and
+       samples (``internimage::_dcnv3_mask_logits``, with the same autograd);
     5. with ``center_feature_scale``: ``s = sigmoid(x1 @ Wcfs.T + bcfs)`` (one gate per group),
        ``y = y * (1 - s) + v * s``;
     6. ``output_proj(y)``.
@@ -368,9 +384,8 @@ class DCNv3(nn.Module):
         value = self.input_proj(x_nchw.permute(0, 2, 3, 1))
         x1 = self.dw_act(self.dw_norm(self.dw_conv(x_nchw)))  # (N, C, H, W)
         offset = self.offset(x1.permute(0, 2, 3, 1))
-        mask = softmax_over_points(self.mask(x1.permute(0, 2, 3, 1)), self.group, self.points)
         y = dcnv3_core(
-            value, offset.to(value.dtype), mask.to(value.dtype), self.kernel_size, self.pad,
+            value, offset, self.mask(x1.permute(0, 2, 3, 1)), self.kernel_size, self.pad,
             self.dilation, self.group, self.group_channels, self.offset_scale,
             self.remove_center, self.core_op == "DCNv3_pytorch",
         )

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from internimage import ops as _ops
-from internimage.dcnv3 import DCNv3
+from internimage.dcnv3 import DCNv3, softmax_over_points
 from internimage.dcnv4 import DCNv4
 from internimage.ops import dcnv3_reference, dcnv4_reference
 
@@ -172,6 +172,29 @@ def _dcnv3_decomposition(
         input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
         offset_scale, remove_center,
     ).contiguous()
+
+
+def _mask_logits_decomposition(
+    input: Tensor,
+    offset: Tensor,
+    mask_logits: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: bool,
+) -> Tensor:
+    """``internimage::_dcnv3_mask_logits`` (what a float32 CPU DCNv3 module calls) as the mask
+    softmax and ``internimage::dcnv3``: exported graphs hold only the public op."""
+    points = kernel_size[0] * kernel_size[1] - int(remove_center)
+    mask = softmax_over_points(mask_logits, group, points)
+    return torch.ops.internimage.dcnv3.default(
+        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
+        offset_scale, remove_center,
+    )
 
 
 def _dcnv4_decomposition(
@@ -423,6 +446,11 @@ def export_onnx(
         program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes, strict=False)
         translations: dict[Callable, Callable] = {}
         if _ops.extension_available():
+            mask_logits_op = torch.ops.internimage._dcnv3_mask_logits.default
+            if any(node.target is mask_logits_op for node in program.graph.nodes):
+                program = program.run_decompositions(
+                    {mask_logits_op: _mask_logits_decomposition}
+                )
             dcnv3_op = torch.ops.internimage.dcnv3.default
             dcnv4_op = torch.ops.internimage.dcnv4.default
             if custom_op:

@@ -751,7 +751,32 @@ if _EXTENSION_ERROR is None:
         "internimage::_dcnv4_backward", _no_double_backward, setup_context=_no_setup
     )
 
-    # Internal forward-only ops of the fused float32 CPU inference path
+    # _dcnv3_mask_logits: dcnv3 of softmax(mask_logits) over each group's points, float32 CPU
+    # (the DCNv3 module's core there). The backward recomputes the softmax rather than saving
+    # it: the forward never materialises it.
+
+    def _dcnv3_mask_logits_setup_context(ctx, inputs, output):
+        input, offset, mask_logits, *params = inputs
+        ctx.save_for_backward(input, offset, mask_logits)
+        ctx.params = params
+
+    def _dcnv3_mask_logits_backward(ctx, grad_output):
+        input, offset, mask_logits = ctx.saved_tensors
+        group = ctx.params[4]
+        mask = mask_logits.unflatten(-1, (group, -1)).softmax(-1)
+        grad_input, grad_offset, grad_mask = torch.ops.internimage._dcnv3_backward.default(
+            grad_output, input, offset, mask.flatten(-2), *ctx.params
+        )
+        grad_mask = grad_mask.unflatten(-1, (group, -1))
+        grad_logits = mask * (grad_mask - (mask * grad_mask).sum(-1, keepdim=True))
+        return (grad_input, grad_offset, grad_logits.flatten(-2)) + (None,) * len(ctx.params)
+
+    torch.library.register_autograd(
+        "internimage::_dcnv3_mask_logits", _dcnv3_mask_logits_backward,
+        setup_context=_dcnv3_mask_logits_setup_context,
+    )
+
+    # Internal forward-only op of the fused float32 CPU inference path
     # (internimage.inference): shapes, so that torch.compile can trace a model after
     # optimize_for_inference.
 

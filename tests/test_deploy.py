@@ -296,9 +296,11 @@ def deterministic():
 
 
 def _assert_close(a, b):
-    """Outputs, input and parameter gradients within the dtype's tolerance (two executors)."""
+    """Outputs, input and parameter gradients within the dtype's tolerance (two executors),
+    the absolute one scaled by each tensor's largest value: a parameter gradient is a sum
+    over every pixel, and the executors may order the sum (and the mask softmax) differently."""
     for u, v in zip(a[:2] + tuple(a[2]), b[:2] + tuple(b[2]), strict=True):
-        torch.testing.assert_close(u, v)
+        torch.testing.assert_close(u, v, rtol=1.3e-6, atol=1e-5 * max(1.0, v.abs().max().item()))
 
 
 def _assert_identical(a, b):

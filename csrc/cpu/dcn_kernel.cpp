@@ -909,7 +909,8 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cpu(
 }
 
 // dcnv3 with the mask given as logits: the softmax over each group's points runs inside the
-// kernel, saving the separate softmax pass (forward only, float32, for inference).
+// kernel, saving the separate softmax pass (float32; the backward is dcnv3_backward_cpu plus the
+// softmax's, in ops.py).
 at::Tensor dcnv3_mask_logits_cpu(const at::Tensor& input_, const at::Tensor& offset_,
                                  const at::Tensor& mask_logits_, at::IntArrayRef kernel_size,
                                  at::IntArrayRef stride, at::IntArrayRef padding,
