@@ -11,8 +11,14 @@ wall-clock and process CPU time. The table also gives each path's multiply-adds 
 as a share of a float32 4096^3 GEMM measured in the same run, and the ratios of each model
 to each model after it (FlashInternImage-T / InternImage-T, ... / ConvNeXt-T).
 
+``--profile`` then runs each path three more times under ``torch.profiler`` and splits its
+time per forward into GEMMs, convolutions, internimage's ops and everything else
+(elementwise, norms, Inductor's generated kernels, framework overhead), by self CPU time:
+what a model's GEMMs alone cost, against another model's whole forward, bounds their ratio.
+
     python benchmarks/bench_model.py                       # batch 1 and 8, 224x224
     python benchmarks/bench_model.py --runs 20 --threads 2
+    python benchmarks/bench_model.py --batch-sizes 1 --profile
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15, help="timed rounds (default: 15)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, split each path's time by kind of op")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,6 +93,47 @@ def main() -> None:
         for case in cases:
             if case.error:
                 print(f"FAILED {case.label}: {case.error}")
+        if args.profile:
+            print()
+            print("\n".join(profile_table(steps, batch)))
+
+
+#: Kinds of op for --profile, by the profiler's op name (first match wins).
+OP_KINDS = [
+    ("GEMM", ("aten::addmm", "aten::mm", "aten::bmm", "mkl::", "mkldnn::_linear")),
+    ("conv", ("aten::mkldnn_convolution", "mkldnn::_convolution", "aten::_convolution",
+              "aten::convolution", "aten::conv")),
+    ("internimage ops", ("internimage::",)),
+]
+
+
+def _kind(op_name: str) -> str:
+    for kind, prefixes in OP_KINDS:
+        if op_name.startswith(prefixes):
+            return kind
+    return "other"
+
+
+def profile_table(steps: dict, batch: int, forwards: int = 3) -> list[str]:
+    """Self CPU ms per forward of each kind of op, per case (each case profiled alone)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kinds = [kind for kind, _ in OP_KINDS] + ["other"]
+    lines = [f"Self CPU ms per forward by kind of op (batch {batch}, torch.profiler, "
+             f"{forwards} forwards; 'other': elementwise, norms, Inductor's kernels, overhead)",
+             "| model | path | " + " | ".join(kinds) + " | total |",
+             "|---|---|" + "---:|" * (len(kinds) + 1)]
+    for case, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(forwards):
+                step()
+        ms = dict.fromkeys(kinds, 0.0)
+        for event in prof.key_averages():
+            ms[_kind(event.key)] += event.self_cpu_time_total / 1000 / forwards
+        cells = " | ".join(f"{ms[kind]:.1f}" for kind in kinds)
+        lines.append(f"| {case.info['model']} | {case.info['path']} | {cells} | "
+                     f"{sum(ms.values()):.1f} |")
+    return lines
 
 
 class _NoProgress:
