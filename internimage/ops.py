@@ -755,11 +755,6 @@ if _EXTENSION_ERROR is None:
     # (the DCNv3 module's core there). The backward recomputes the softmax rather than saving
     # it: the forward never materialises it.
 
-    def _dcnv3_mask_logits_setup_context(ctx, inputs, output):
-        input, offset, mask_logits, *params = inputs
-        ctx.save_for_backward(input, offset, mask_logits)
-        ctx.params = params
-
     def _dcnv3_mask_logits_backward(ctx, grad_output):
         input, offset, mask_logits = ctx.saved_tensors
         group = ctx.params[4]
@@ -773,7 +768,7 @@ if _EXTENSION_ERROR is None:
 
     torch.library.register_autograd(
         "internimage::_dcnv3_mask_logits", _dcnv3_mask_logits_backward,
-        setup_context=_dcnv3_mask_logits_setup_context,
+        setup_context=_dcnv3_setup_context,  # saves (input, offset, mask_logits)
     )
 
     # Internal forward-only op of the fused float32 CPU inference path
