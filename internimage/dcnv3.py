@@ -136,6 +136,14 @@ def check_nhwc_input(x: Tensor, channels: int, layer: str = "DCNv3") -> Tensor:
     return x
 
 
+def _offset_and_mask(value: Tensor, offset: Tensor, mask_logits: Tensor, group: int,
+                     points: int) -> tuple[Tensor, Tensor]:
+    """``offset`` and the softmax of ``mask_logits`` over each group's points, both in
+    ``value``'s dtype (as the original under autocast): the inputs of ``internimage::dcnv3``."""
+    mask = softmax_over_points(mask_logits, group, points)
+    return offset.to(value.dtype), mask.to(value.dtype)
+
+
 @torch.jit.unused
 def _dcnv3_eager(
     value: Tensor, offset: Tensor, mask_logits: Tensor, kernel_size: int, pad: int,
@@ -144,19 +152,20 @@ def _dcnv3_eager(
     k, p, d = kernel_size, pad, dilation
     geometry = ([k, k], [1, 1], [p, p], [d, d], group, group_channels, offset_scale,
                 remove_center)
+    has_kernel = _ops._has_kernel_for(value.device)
     # The softmax inside the kernel: one pass over the logits instead of five. Not in a
     # torch.jit.trace, so saved TorchScript files call only the public op.
     if (
-        value.device.type == "cpu" and _ops._has_kernel_for(value.device)
+        has_kernel and value.device.type == "cpu"
         and value.dtype == offset.dtype == mask_logits.dtype == torch.float32
         and not torch.jit.is_tracing()
     ):
         return torch.ops.internimage._dcnv3_mask_logits.default(
             value, offset, mask_logits, *geometry
         )
-    mask = softmax_over_points(mask_logits, group, kernel_size * kernel_size - remove_center)
-    offset, mask = offset.to(value.dtype), mask.to(value.dtype)
-    if _ops._has_kernel_for(value.device):  # the op repeats the functional API's checks
+    offset, mask = _offset_and_mask(value, offset, mask_logits, group,
+                                    k * k - int(remove_center))
+    if has_kernel:  # the op repeats the functional API's checks
         return torch.ops.internimage.dcnv3.default(value, offset, mask, *geometry)
     return _dcnv3_op(  # warns once, then runs the reference
         value, offset, mask, kernel_size, 1, pad, dilation, group, group_channels,
@@ -179,20 +188,19 @@ def dcnv3_core(
     float32 the compiled op applies the softmax itself (``_dcnv3_mask_logits``).
     """
     k, p, d = kernel_size, pad, dilation
-    if reference or torch.jit.is_scripting():
-        mask = softmax_over_points(mask_logits, group, k * k - int(remove_center))
-        offset, mask = offset.to(value.dtype), mask.to(value.dtype)
-        if reference:
-            return _ops._dcnv3_reference_scripted(
-                value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
-                offset_scale, remove_center,
-            )
-        return _ops._dcnv3_scripted(
+    if not reference and not torch.jit.is_scripting():
+        return _dcnv3_eager(value, offset, mask_logits, k, p, d, group, group_channels,
+                            offset_scale, remove_center)
+    offset, mask = _offset_and_mask(value, offset, mask_logits, group, k * k - int(remove_center))
+    if reference:
+        return _ops._dcnv3_reference_scripted(
             value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
             offset_scale, remove_center,
         )
-    return _dcnv3_eager(value, offset, mask_logits, k, p, d, group, group_channels,
-                        offset_scale, remove_center)
+    return _ops._dcnv3_scripted(
+        value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
+        offset_scale, remove_center,
+    )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
