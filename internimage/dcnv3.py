@@ -203,11 +203,13 @@ def dcnv3_core(
     )
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int, layer: str = "DCNv3") -> int:
+    """``value`` when it is an int (not a bool) >= ``minimum``; TypeError / ValueError naming
+    ``layer`` and the argument otherwise. Shared by the DCNv3 and DCNv4 layers."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"DCNv3: {name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{layer}: {name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"DCNv3: {name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{layer}: {name} must be >= {minimum}, got {value}")
     return value
 
 
