@@ -81,13 +81,13 @@ def main() -> None:
             case = model_case(name, path, batch, args.size, torch.float32, device, train=False,
                                channels_last=False)
             print(f"batch {batch}: setting up {case.label}", file=sys.stderr, flush=True)
-            step = prepare_case(case, device, args.warmup, _NoProgress())
+            step = prepare_case(case, device, args.warmup)
             cases.append(case)
             if step is None:
                 print(f"  failed: {case.error}", file=sys.stderr)
             else:
                 steps[case] = step
-        time_interleaved(steps, device, args.runs, budget=float("inf"), progress=_NoProgress())
+        time_interleaved(steps, device, args.runs)
         print()
         print("\n".join(model_table(cases, complexity, env)))
         for case in cases:
@@ -134,13 +134,6 @@ def profile_table(steps: dict, batch: int, forwards: int = 3) -> list[str]:
         lines.append(f"| {case.info['model']} | {case.info['path']} | {cells} | "
                      f"{sum(ms.values()):.1f} |")
     return lines
-
-
-class _NoProgress:
-    """Stands in for the tqdm bar that ``internimage bench`` passes to the timing code."""
-
-    def set_postfix_str(self, *args, **kwargs) -> None:
-        pass
 
 
 if __name__ == "__main__":

@@ -298,14 +298,16 @@ def _sync(device: torch.device) -> None:
 
 
 def prepare_case(case: Case, device: torch.device, warmup: int,
-                  progress: Any) -> Callable[[], Any] | None:
-    """Sets ``case`` up and warms it up; records its peak memory. None when it failed."""
+                  progress: Any = None) -> Callable[[], Any] | None:
+    """Sets ``case`` up and warms it up; records its peak memory. None when it failed.
+    ``progress``: a tqdm bar to show the warm-up on, or None."""
     memory = PeakMemory(device)
     memory.start()
     try:
         step = case.setup()
         for i in range(warmup):
-            progress.set_postfix_str(f"warm-up {i + 1}/{warmup}", refresh=True)
+            if progress is not None:
+                progress.set_postfix_str(f"warm-up {i + 1}/{warmup}", refresh=True)
             step()
             _sync(device)
         case.peak_bytes = memory.peak()
@@ -318,14 +320,15 @@ def prepare_case(case: Case, device: torch.device, warmup: int,
 
 
 def time_interleaved(steps: dict[Case, Callable[[], Any]], device: torch.device, iters: int,
-                     budget: float, progress: Any) -> None:
+                     budget: float = float("inf"), progress: Any = None) -> None:
     """Times ``steps`` in rounds, one iteration of each per round (so that drift in the
     machine's speed hits every case alike), until each has ``iters`` samples or the rounds
     have taken ``budget`` seconds per case. Appends wall-clock seconds to ``case.samples``
     and process CPU seconds (all threads) to ``case.info['cpu_s']``."""
     started = time.perf_counter()
     for i in range(iters):
-        progress.set_postfix_str(f"round {i + 1}/{iters}", refresh=True)
+        if progress is not None:
+            progress.set_postfix_str(f"round {i + 1}/{iters}", refresh=True)
         for case, step in steps.items():
             t0, c0 = time.perf_counter(), time.process_time()
             try:
