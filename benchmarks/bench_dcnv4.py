@@ -21,7 +21,6 @@ and takes the mean); the table reports the median round.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 import internimage
+from internimage.bench import cpu_name
 from internimage.ops import dcnv3, dcnv4
 
 STAGES = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))
@@ -90,17 +90,6 @@ def bench_case(n: int, size: int, channels: int, group: int, repeats: int) -> di
         for name, fn in paths.items():
             samples[name].append(time_round(fn, calls))
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

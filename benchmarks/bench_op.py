@@ -16,7 +16,6 @@ does the same for PyTorch's, so the reference too runs as on an AVX2-only CPU).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 import internimage
+from internimage.bench import cpu_name
 from internimage.ops import dcnv3, dcnv3_reference
 
 # (height/width, channels, groups) of InternImage-T's stages at 224x224.
@@ -71,17 +71,6 @@ def bench_case(n: int, size: int, channels: int, group: int, dtype: torch.dtype,
             samples["reference"].append(time_round(lambda b=body: b(dcnv3_reference), calls=2))
         results[label] = {k: statistics.median(v) for k, v in samples.items()}
     return results
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
