@@ -75,6 +75,9 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
 cxx_flags += ["-fopenmp", "-std=c++20", "-fno-trapping-math", "-Wno-psabi"]
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
 sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+# csrc/cuda/dcn_kernel.cu compiled again by the host compiler, under the CPU emulation of the
+# CUDA execution model (tests run the CUDA kernels through it on machines without a GPU).
+sources += sorted(glob.glob(os.path.join("csrc", "emulation", "*.cpp")))
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = []
 extension_cls = CppExtension

@@ -33,6 +33,30 @@ TORCH_LIBRARY(internimage, m) {
       "_dcnv4_backward(Tensor grad_output, Tensor input, Tensor offset_mask, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
       "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor)");
+  // The four ops above as csrc/cuda/dcn_kernel.cu computes them, run on CPU tensors under the
+  // CPU emulation of the CUDA execution model (csrc/emulation), for the tests; and that file's
+  // launch plan (csrc/launch_plan.h): [vec, lanes_log2, total, total_padded, blocks, use_int32].
+  m.def(
+      "_emulated_cuda_dcnv3(Tensor input, Tensor offset, Tensor mask, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int group, int group_channels, "
+      "float offset_scale, bool remove_center) -> Tensor");
+  m.def(
+      "_emulated_cuda_dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, "
+      "Tensor mask, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int group, int group_channels, float offset_scale, bool remove_center) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_emulated_cuda_dcnv4(Tensor input, Tensor offset_mask, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int group, int group_channels, "
+      "float offset_scale, bool remove_center=False) -> Tensor");
+  m.def(
+      "_emulated_cuda_dcnv4_backward(Tensor grad_output, Tensor input, Tensor offset_mask, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int group, "
+      "int group_channels, float offset_scale, bool remove_center) -> (Tensor, Tensor)");
+  m.def(
+      "_cuda_launch_plan(int batch, int height_out, int width_out, int group, "
+      "int group_channels, int element_bytes, int pointer_address, int largest_numel, "
+      "int sm_count) -> int[]");
   // dcnv3 with `mask` replaced by its logits: the softmax over each group's points is applied
   // inside the kernel (float32, CPU; its autograd formula in ops.py recomputes the softmax).
   m.def(

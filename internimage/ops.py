@@ -78,6 +78,17 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
+def cuda_emulation_available() -> bool:
+    """Whether ``internimage._C`` holds the CUDA kernels compiled for the CPU emulation of the
+    CUDA execution model (the internal ops ``internimage::_emulated_cuda_dcnv3``,
+    ``_emulated_cuda_dcnv3_backward``, ``_emulated_cuda_dcnv4`` and
+    ``_emulated_cuda_dcnv4_backward``, CPU tensors in and out; see docs/cuda.md)."""
+    return _EXTENSION_ERROR is None and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"internimage::_emulated_cuda_{op}", "CPU")
+        for op in ("dcnv3", "dcnv3_backward", "dcnv4", "dcnv4_backward")
+    )
+
+
 def _pair(op: str, value: IntPair, name: str) -> tuple[int, int]:
     if isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")

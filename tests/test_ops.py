@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import golden_files
+from op_cases import golden_args
 
 import internimage
 from internimage.ops import dcnv3, dcnv3_reference
@@ -23,20 +24,6 @@ if not internimage.ops.extension_available():  # fail loudly: these tests are th
 
 OP = torch.ops.internimage.dcnv3.default
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def golden_args(hparams: dict) -> tuple:
-    h = hparams
-    return (
-        (h["kernel_h"], h["kernel_w"]),
-        (h["stride_h"], h["stride_w"]),
-        (h["pad_h"], h["pad_w"]),
-        (h["dilation_h"], h["dilation_w"]),
-        h["group"],
-        h["group_channels"],
-        h["offset_scale"],
-        bool(h["remove_center"]),
-    )
 
 
 def run_with_grads(fn, inputs, grad_output, args):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import GOLDEN_FLASH_DIR, golden_files
+from op_cases import golden_args
 
 import internimage
 from internimage.ops import dcnv3, dcnv4, dcnv4_reference
@@ -81,19 +82,6 @@ def run_with_grads(fn, inputs, grad_output, args):
 # Golden parity with the original DCNv4 code (../shared/golden-flash/op_*.pt)
 
 GOLDEN_OPS = golden_files("op_*.pt", GOLDEN_FLASH_DIR)
-
-
-def golden_args(h: dict) -> tuple:
-    return (
-        (h["kernel_h"], h["kernel_w"]),
-        (h["stride_h"], h["stride_w"]),
-        (h["pad_h"], h["pad_w"]),
-        (h["dilation_h"], h["dilation_w"]),
-        h["group"],
-        h["group_channels"],
-        h["offset_scale"],
-        bool(h["remove_center"]),
-    )
 
 
 @pytest.mark.parametrize("path", GOLDEN_OPS, ids=lambda p: p.stem)

@@ -19,26 +19,25 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
-#include <limits>
 #include <tuple>
 
 #include "../checks.h"
+#include "../launch_plan.h"
+// Last: under the CPU emulation (csrc/emulation) it defines the CUDA language and __CUDA_ARCH__.
+#include "cuda_compat.h"
 
 namespace internimage {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-constexpr int kMaxBlocksPerSm = 32;  // grid-stride loops cover the rest
-constexpr int kVectorBytes = 16;
+// Global memory is read and written through ld_global / st_global (plain accesses on a device,
+// checked ones under the emulation), kernels are launched through launch_kernel.
+using namespace cuda_compat;
+
 // Caps the forward at 64 registers (four 256-thread blocks per SM) without spilling its hot
 // instances; the backward needs up to 80 and spills under that cap, so it is left alone.
 constexpr int kForwardMinBlocksPerSm = 4;
@@ -56,13 +55,13 @@ __device__ __forceinline__ void load_corner(const scalar_t* __restrict__ group_i
                                             int64_t pixel, index_t channels, index_t c0,
                                             acc_t (&out)[VEC]) {
   if (pixel < 0) {
-#pragma unroll
+INTERNIMAGE_UNROLL
     for (int c = 0; c < VEC; ++c) out[c] = acc_t(0);
     return;
   }
-  const Pack<scalar_t, VEC> p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(
-      group_input + static_cast<index_t>(pixel) * channels + c0);
-#pragma unroll
+  const Pack<scalar_t, VEC> p = ld_global(reinterpret_cast<const Pack<scalar_t, VEC>*>(
+      group_input + static_cast<index_t>(pixel) * channels + c0));
+INTERNIMAGE_UNROLL
   for (int c = 0; c < VEC; ++c) out[c] = static_cast<acc_t>(p.v[c]);
 }
 
@@ -74,20 +73,20 @@ __device__ __forceinline__ void atomic_add_channels(float* dst, const float (&v)
   constexpr bool kFloat4 = false;
 #endif
   if constexpr (kFloat4) {
-#pragma unroll
+INTERNIMAGE_UNROLL
     for (int c = 0; c < VEC; c += 4) {
       atomicAdd(reinterpret_cast<float4*>(dst + c),
                 make_float4(v[c], v[c + 1], v[c + 2], v[c + 3]));
     }
   } else {
-#pragma unroll
+INTERNIMAGE_UNROLL
     for (int c = 0; c < VEC; ++c) atomicAdd(dst + c, v[c]);
   }
 }
 
 template <int VEC>
 __device__ __forceinline__ void atomic_add_channels(double* dst, const double (&v)[VEC]) {
-#pragma unroll
+INTERNIMAGE_UNROLL
   for (int c = 0; c < VEC; ++c) atomicAdd(dst + c, v[c]);
 }
 
@@ -146,11 +145,12 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocksPerSm)
           const int point = p++;
           acc_t loc_x, loc_y;
           sampling_location(g, pos.h_out, pos.w_out, i, j,
-                            static_cast<acc_t>(slot_offset[2 * point]),
-                            static_cast<acc_t>(slot_offset[2 * point + 1]), loc_x, loc_y);
+                            static_cast<acc_t>(ld_global(slot_offset + 2 * point)),
+                            static_cast<acc_t>(ld_global(slot_offset + 2 * point + 1)), loc_x,
+                            loc_y);
           BilinearSample<acc_t> s;
           if (!bilinear_sample(loc_y, loc_x, g.height_in, g.width_in, s)) continue;
-          const acc_t m = static_cast<acc_t>(slot_mask[point]);
+          const acc_t m = static_cast<acc_t>(ld_global(slot_mask + point));
           acc_t x0[VEC], x1[VEC], x2[VEC], x3[VEC];
           load_corner(group_input, s.pixel[0], channels, c0, x0);
           load_corner(group_input, s.pixel[1], channels, c0, x1);
@@ -158,16 +158,17 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocksPerSm)
           load_corner(group_input, s.pixel[3], channels, c0, x3);
           const CornerValues<acc_t> w = masked_corner_weights(s.corners, m, s.frac_y, s.frac_x);
           const acc_t w0 = w.v[0], w1 = w.v[1], w2 = w.v[2], w3 = w.v[3];
-#pragma unroll
+INTERNIMAGE_UNROLL
           for (int c = 0; c < VEC; ++c) {
             acc[c] += w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c];
           }
         }
       }
       Pack<scalar_t, VEC> out;
-#pragma unroll
+INTERNIMAGE_UNROLL
       for (int c = 0; c < VEC; ++c) out.v[c] = static_cast<scalar_t>(acc[c]);
-      *reinterpret_cast<Pack<scalar_t, VEC>*>(output + slot * g.group_channels + c0) = out;
+      st_global(reinterpret_cast<Pack<scalar_t, VEC>*>(output + slot * g.group_channels + c0),
+                out);
     }
   }
 }
@@ -207,8 +208,9 @@ __global__ void __launch_bounds__(kThreads)
     // The lane's first channel vector of grad_output stays in registers for every point.
     acc_t go_first[VEC] = {};
     if (active && lane < vectors) {
-      const auto p = *reinterpret_cast<const Pack<scalar_t, VEC>*>(slot_grad_output + lane * VEC);
-#pragma unroll
+      const auto p =
+          ld_global(reinterpret_cast<const Pack<scalar_t, VEC>*>(slot_grad_output + lane * VEC));
+INTERNIMAGE_UNROLL
       for (int c = 0; c < VEC; ++c) go_first[c] = static_cast<acc_t>(p.v[c]);
     }
 
@@ -226,10 +228,11 @@ __global__ void __launch_bounds__(kThreads)
         if (active) {
           acc_t loc_x, loc_y;
           sampling_location(g, pos.h_out, pos.w_out, i, j,
-                            static_cast<acc_t>(offset[point_offset]),
-                            static_cast<acc_t>(offset[point_offset + 1]), loc_x, loc_y);
+                            static_cast<acc_t>(ld_global(offset + point_offset)),
+                            static_cast<acc_t>(ld_global(offset + point_offset + 1)), loc_x,
+                            loc_y);
           inside = bilinear_sample(loc_y, loc_x, g.height_in, g.width_in, s);
-          m = static_cast<acc_t>(mask[point_mask]);
+          m = static_cast<acc_t>(ld_global(mask + point_mask));
         }
         const CornerValues<acc_t> weight = masked_corner_weights(s.corners, m, s.frac_y, s.frac_x);
         if (inside) {
@@ -237,22 +240,22 @@ __global__ void __launch_bounds__(kThreads)
             const index_t c0 = v * VEC;
             acc_t go[VEC];
             if (v == lane) {
-#pragma unroll
+INTERNIMAGE_UNROLL
               for (int c = 0; c < VEC; ++c) go[c] = go_first[c];
             } else {
               const auto pk =
-                  *reinterpret_cast<const Pack<scalar_t, VEC>*>(slot_grad_output + c0);
-#pragma unroll
+                  ld_global(reinterpret_cast<const Pack<scalar_t, VEC>*>(slot_grad_output + c0));
+INTERNIMAGE_UNROLL
               for (int c = 0; c < VEC; ++c) go[c] = static_cast<acc_t>(pk.v[c]);
             }
-#pragma unroll
+INTERNIMAGE_UNROLL
             for (int k = 0; k < 4; ++k) {
               if (s.pixel[k] < 0) continue;
               acc_t x[VEC];
               load_corner(group_input, s.pixel[k], channels, c0, x);
               const acc_t w = weight.v[k];
               acc_t dot = 0, add[VEC];
-#pragma unroll
+INTERNIMAGE_UNROLL
               for (int c = 0; c < VEC; ++c) {
                 dot += go[c] * x[c];
                 add[c] = w * go[c];
@@ -265,7 +268,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         // Every thread of the warp takes part; xor partners below `lanes` share the slot.
         for (int o = lanes >> 1; o > 0; o >>= 1) {
-#pragma unroll
+INTERNIMAGE_UNROLL
           for (int k = 0; k < 4; ++k) {
             corner_dot[k] += __shfl_xor_sync(0xffffffffu, corner_dot[k], o);
           }
@@ -280,50 +283,22 @@ __global__ void __launch_bounds__(kThreads)
             d_x = r.offset_x;
             d_y = r.offset_y;
           }
-          grad_mask[point_mask] = static_cast<scalar_t>(d_mask);
-          grad_offset[point_offset] = static_cast<scalar_t>(d_x);
-          grad_offset[point_offset + 1] = static_cast<scalar_t>(d_y);
+          st_global(grad_mask + point_mask, static_cast<scalar_t>(d_mask));
+          st_global(grad_offset + point_offset, static_cast<scalar_t>(d_x));
+          st_global(grad_offset + point_offset + 1, static_cast<scalar_t>(d_y));
         }
       }
     }
   }
 }
 
-// How one call maps onto threads: see the file comment.
-struct LaunchPlan {
-  int vec;
-  int lanes_log2;
-  int64_t total;         // threads with work: slots * lanes
-  int64_t total_padded;  // rounded up to whole warps
-  unsigned blocks;
-  bool use_int32;  // every index the kernel forms fits in int32
-};
-
+// The launch plan (csrc/launch_plan.h) for this device's SM count.
 template <typename scalar_t>
-LaunchPlan plan_launch(const Dcnv3Geometry& g, std::initializer_list<const void*> vector_ptrs,
-                       int64_t largest_numel, int device) {
-  constexpr int wide = kVectorBytes / sizeof(scalar_t);
-  bool aligned = g.group_channels % wide == 0;
-  for (const void* p : vector_ptrs) {
-    aligned = aligned && reinterpret_cast<std::uintptr_t>(p) % kVectorBytes == 0;
-  }
-  LaunchPlan plan;
-  plan.vec = aligned ? wide : 1;
-  const int vectors = g.group_channels / plan.vec;
-  plan.lanes_log2 = 0;
-  while ((1 << plan.lanes_log2) < std::min(vectors, kWarp)) ++plan.lanes_log2;
-  const int64_t slots = g.batch * g.height_out * g.width_out * g.group;
-  plan.total = slots << plan.lanes_log2;
-  plan.total_padded = (plan.total + kWarp - 1) / kWarp * kWarp;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t max_blocks = static_cast<int64_t>(std::max(sms, 1)) * kMaxBlocksPerSm;
-  plan.blocks = static_cast<unsigned>(
-      std::clamp<int64_t>((plan.total_padded + kThreads - 1) / kThreads, 1, max_blocks));
-  // Headroom for the last grid-stride increment past the end.
-  const int64_t grid_threads = static_cast<int64_t>(plan.blocks) * kThreads;
-  plan.use_int32 = std::max(largest_numel, plan.total_padded + grid_threads) <=
-                   std::numeric_limits<int32_t>::max();
+LaunchPlan plan_for(const Dcnv3Geometry& g, std::initializer_list<const void*> vector_ptrs,
+                    int64_t largest_numel, int device) {
+  LaunchPlan plan =
+      plan_launch(g, sizeof(scalar_t), vector_ptrs, largest_numel, sm_count(device));
+  apply_test_overrides(plan);
   return plan;
 }
 
@@ -331,11 +306,9 @@ template <typename scalar_t, int VEC, typename index_t>
 void launch_forward(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
                     const LaunchPlan& plan, const scalar_t* input, const scalar_t* offset,
                     const scalar_t* mask, scalar_t* output) {
-  dcn_forward_kernel<scalar_t, VEC, index_t>
-      <<<plan.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          g, layout, input, offset, mask, output, static_cast<index_t>(plan.total),
-          plan.lanes_log2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel("dcn_forward_kernel", dcn_forward_kernel<scalar_t, VEC, index_t>, plan.blocks,
+                kThreads, g, layout, input, offset, mask, output,
+                static_cast<index_t>(plan.total), plan.lanes_log2);
 }
 
 // Picks the kernel instance for the plan's vector width and index type.
@@ -372,12 +345,10 @@ struct BackwardArgs {
 template <typename scalar_t, int VEC, typename index_t>
 void launch_backward(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
                      const LaunchPlan& plan, const BackwardArgs<scalar_t>& a) {
-  dcn_backward_kernel<scalar_t, VEC, index_t>
-      <<<plan.blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          g, layout, a.grad_output, a.input, a.offset, a.mask, a.grad_input, a.grad_offset,
-          a.grad_mask, static_cast<index_t>(plan.total), static_cast<index_t>(plan.total_padded),
-          plan.lanes_log2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel("dcn_backward_kernel", dcn_backward_kernel<scalar_t, VEC, index_t>, plan.blocks,
+                kThreads, g, layout, a.grad_output, a.input, a.offset, a.mask, a.grad_input,
+                a.grad_offset, a.grad_mask, static_cast<index_t>(plan.total),
+                static_cast<index_t>(plan.total_padded), plan.lanes_log2);
 }
 
 template <typename scalar_t>
@@ -402,20 +373,22 @@ void backward(const Dcnv3Geometry& g, const OffsetMaskLayout& layout, const Laun
 at::Tensor forward_cuda(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
                         const at::Tensor& input_, const at::Tensor& offset_,
                         const at::Tensor& mask_, int64_t mask_offset) {
-  const c10::cuda::CUDAGuard device_guard(input_.device());
+  const DeviceGuard device_guard(input_.device());
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();
   const at::Tensor mask = mask_.is_same(offset_) ? offset : mask_.contiguous();
   at::Tensor output =
       at::empty({g.batch, g.height_out, g.width_out, g.channels()}, input.options());
   if (output.numel() == 0) return output;
+  const DeviceBuffers buffers(
+      {{"input", input}, {"offset", offset}, {"mask", mask}, {"output", output}});
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "dcn_forward_cuda", [&] {
         const scalar_t* in = input.const_data_ptr<scalar_t>();
         const scalar_t* off = offset.const_data_ptr<scalar_t>();
         const scalar_t* msk = mask.const_data_ptr<scalar_t>() + mask_offset;
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
-        const LaunchPlan plan = plan_launch<scalar_t>(
+        const LaunchPlan plan = plan_for<scalar_t>(
             g, {in, out},
             std::max({input.numel(), offset.numel(), mask.numel(), output.numel()}),
             input.get_device());
@@ -433,13 +406,20 @@ at::Tensor backward_cuda(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
                          const char* op) {
   // grad_input is accumulated with atomics in no fixed order.
   at::globalContext().alertNotDeterministic(op);
-  const c10::cuda::CUDAGuard device_guard(input_.device());
+  const DeviceGuard device_guard(input_.device());
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor input = input_.contiguous();
   const auto dtype = input.scalar_type();
   const auto acc_dtype = at::toOpMathType(dtype);
   at::Tensor grad_input = at::zeros(input.sizes(), input.options().dtype(acc_dtype));
   if (grad_output.numel() > 0) {
+    const DeviceBuffers buffers({{"grad_output", grad_output},
+                                 {"input", input},
+                                 {"offset", offset},
+                                 {"mask", mask},
+                                 {"grad_input", grad_input},
+                                 {"grad_offset", grad_offset},
+                                 {"grad_mask", grad_mask}});
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dcn_backward_cuda", [&] {
       const BackwardArgs<scalar_t> a{grad_output.const_data_ptr<scalar_t>(),
                                      input.const_data_ptr<scalar_t>(),
@@ -448,7 +428,7 @@ at::Tensor backward_cuda(const Dcnv3Geometry& g, const OffsetMaskLayout& layout,
                                      grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>(),
                                      grad_offset.mutable_data_ptr<scalar_t>(),
                                      grad_mask.mutable_data_ptr<scalar_t>() + mask_offset};
-      const LaunchPlan plan = plan_launch<scalar_t>(
+      const LaunchPlan plan = plan_for<scalar_t>(
           g, {a.grad_output, a.input, a.grad_input},
           std::max({input.numel(), offset.numel(), mask.numel(), grad_output.numel()}),
           input.get_device());
@@ -480,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
                                            dilation, group, group_channels, offset_scale,
                                            remove_center);
   check_grad_output(grad_output, input, g);
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const at::Tensor offset = offset_.contiguous();
   const at::Tensor mask = mask_.contiguous();
   at::Tensor grad_offset = at::empty(offset.sizes(), offset.options());
@@ -511,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(
                                            dilation, group, group_channels, offset_scale,
                                            remove_center);
   check_grad_output(grad_output, input, g, "dcnv4");
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const at::Tensor offset_mask = offset_mask_.contiguous();
   at::Tensor grad = at::empty(offset_mask.sizes(), offset_mask.options());
   const int64_t used = 3 * static_cast<int64_t>(g.group) * g.points;
@@ -525,11 +505,13 @@ std::tuple<at::Tensor, at::Tensor> dcnv4_backward_cuda(
 
 }  // namespace
 
+#if !defined(INTERNIMAGE_EMULATE_CUDA)  // the emulated build registers its own ops
 TORCH_LIBRARY_IMPL(internimage, CUDA, m) {
   m.impl("dcnv3", &dcnv3_forward_cuda);
   m.impl("_dcnv3_backward", &dcnv3_backward_cuda);
   m.impl("dcnv4", &dcnv4_forward_cuda);
   m.impl("_dcnv4_backward", &dcnv4_backward_cuda);
 }
+#endif
 
 }  // namespace internimage
