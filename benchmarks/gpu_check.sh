@@ -6,12 +6,15 @@
 #
 # 1. rebuilds internimage._C for sm_90 against the local torch (editable install, no downloads),
 # 2. runs tests/test_ops_cuda.py (both ops: golden files, CUDA against CPU on fresh random
-#    inputs for every dtype, group_channels 8/16/32/64 and batch 1/3/64 for DCNv4, ...),
-# 3. runs benchmarks/bench_gpu.py, which ends with two short tables: DCNv3 against its
+#    inputs for every dtype over the shared case list tests/op_cases.py, which the CPU
+#    emulation of the kernels runs too, group_channels 8/16/32/64 and batch 1/3/64 for DCNv4...),
+# 3. runs the shared cases again under compute-sanitizer's memcheck and racecheck (one
+#    cudaMalloc per tensor, so an out-of-bounds access is outside its allocation),
+# 4. runs benchmarks/bench_gpu.py, which ends with two short tables: DCNv3 against its
 #    reference, and DCNv4 beside DCNv3 (share of copy bandwidth, backward / forward).
 # Without a GPU, `bash benchmarks/gpu_check.sh --dry-run` checks the CPU-side parts only: the
 # test file collects (and skips), and bench_gpu.py runs its code paths on tiny CPU inputs.
-# Each step has its own time limit; the whole run stays under 8 minutes.
+# Each step has its own time limit; the whole run stays under 11 minutes.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -78,14 +81,32 @@ raise SystemExit(0 if ok else "internimage._C was built without CUDA kernels")'
     --durations=5 || tests=$?
   echo "tests finished in $((SECONDS - t)) s (exit $tests)"
 
+  echo "== compute-sanitizer (memcheck, racecheck) on the shared cases"
+  local sanitizer sanitized=0
+  sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  if [[ -x $sanitizer ]]; then
+    local tool
+    for tool in memcheck racecheck; do
+      t=$SECONDS
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 100 "$sanitizer" --tool "$tool" \
+        --error-exitcode 3 python -m pytest tests/test_ops_cuda.py -q -p no:cacheprovider \
+        -k "matches_cpu and (gc16 or gc5 or gc1025 or gc3_rc or gc64)" || sanitized=$?
+      echo "$tool finished in $((SECONDS - t)) s (exit $sanitized)"
+    done
+  else
+    echo "gpu_check: compute-sanitizer not found; memcheck and racecheck skipped"
+    sanitized=4
+  fi
+
   echo "== benchmarks/bench_gpu.py"
   local bench=0
   timeout 160 python benchmarks/bench_gpu.py || bench=$?
   echo
   local verdict="tests $([[ $tests == 0 ]] && echo passed || echo "FAILED (exit $tests)")"
+  verdict+=", sanitizer $([[ $sanitized == 0 ]] && echo clean || echo "FAILED (exit $sanitized)")"
   verdict+=", bench $([[ $bench == 0 ]] && echo ok || echo "FAILED (exit $bench)")"
   echo "gpu_check: $verdict, $((SECONDS - start)) s in all"
-  [[ $tests == 0 && $bench == 0 ]]
+  [[ $tests == 0 && $sanitized == 0 && $bench == 0 ]]
 }
 
 dry_run() {
