@@ -6,7 +6,7 @@ import argparse
 import json
 
 from internimage.cli.errors import CommandError
-from internimage.cli.table import format_table
+from internimage.table import format_table
 
 __all__ = ["add_parser", "run"]
 
