@@ -3,8 +3,9 @@ operators, for PyTorch and timm.
 
 Importing the package registers the timm models ``internimage_t/s/b/l/xl/h/g``,
 ``internimage_h_meta`` (H with the iNaturalist metadata head) and
-``flash_internimage_t/s/b/l`` (at once if timm is imported, else as soon as it is: see
-:mod:`internimage.registration`); the public names below are imported on first use. The functional
+``flash_internimage_t/s/b/l``, and the ops ``torch.ops.internimage.*``: at once when timm and
+torch are imported, else as soon as they are (see :mod:`internimage.registration`). The
+public names below are imported on first use. The functional
 ops live in :mod:`internimage.ops` (``internimage.ops.dcnv3``, ``internimage.ops.dcnv4``);
 ``internimage.dcnv3`` and ``internimage.dcnv4`` are the module files holding the
 :class:`DCNv3` layer of InternImage and the :class:`DCNv4` layer of FlashInternImage.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from internimage.registration import register_with_timm
+from internimage.registration import register
 
 __version__ = "0.1.0"
 
@@ -93,4 +94,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-register_with_timm()
+register()

@@ -29,10 +29,10 @@ class LineProgress:
     step took longer than ``interval``."""
 
     def __init__(self, total: int | None, desc: str | None = None, unit: str = "it",
-                 file: TextIO | None = None, interval: float = LINE_INTERVAL) -> None:
+                 file: TextIO | None = None, interval: float | None = None) -> None:
         self.total, self.desc, self.unit = total, desc or "", unit
         self.file = file if file is not None else sys.stderr
-        self.interval = interval
+        self.interval = LINE_INTERVAL if interval is None else interval
         self.n = 0
         self.postfix = ""
         self.started = self.last = time.perf_counter()

@@ -1,15 +1,17 @@
-"""Registers the model families with timm on ``import internimage`` without importing timm.
+"""What ``import internimage`` registers, without importing torch or timm itself.
 
-``import internimage`` promises that ``timm.create_model("internimage_t")`` works, and the
-``internimage`` command promises to answer ``--help`` and ``--version`` without the seconds
-it takes to import timm and the models. Both hold because the registration waits for timm:
-if timm is already imported, :func:`register_with_timm` imports the family modules (whose
-``@register_model`` constructors register them) at once; otherwise a finder on
-``sys.meta_path`` imports them as soon as timm has been imported, by anyone. A program that
-calls ``timm.create_model`` has imported timm, so it finds the models registered.
+``import internimage`` promises that ``timm.create_model("internimage_t")`` works and that
+``torch.ops.internimage.dcnv3`` exists (a TorchScript file that calls it loads), and the
+``internimage`` command promises to answer ``--help`` without the seconds it takes to import
+torch, timm and the models. Both hold because each registration waits for the library it
+registers with (:data:`AFTER_IMPORT`): if that library is already imported,
+:func:`register` imports the modules that register at once; otherwise a finder on
+``sys.meta_path`` imports them as soon as the library has been imported, by anyone. A program
+that calls ``timm.create_model`` or ``torch.jit.load`` has imported timm or torch, so it finds
+the models and the op registered.
 
 The finder waits until no module of this package is half-imported (a family module that
-imports timm first is finished before the families are imported), then removes itself.
+imports timm itself is finished first), then removes itself.
 """
 
 from __future__ import annotations
@@ -22,50 +24,54 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-__all__ = ["FAMILY_MODULES", "register_with_timm", "registered"]
+__all__ = ["AFTER_IMPORT", "FAMILY_MODULES", "register", "registered"]
 
 #: The modules whose import registers a model family with timm.
 FAMILY_MODULES = ("internimage.internimage", "internimage.flash_internimage")
+#: Library -> the modules to import once it is imported: the op library (``internimage._C``,
+#: loaded by ``internimage.ops``) registers ``torch.ops.internimage.*``, the family modules
+#: register the models with timm.
+AFTER_IMPORT = {"torch": ("internimage.ops",), "timm": FAMILY_MODULES}
 _PACKAGE = __name__.rpartition(".")[0]
 
 
 def registered() -> bool:
-    """Whether the family modules have been imported (so timm knows the models)."""
-    return all(name in sys.modules for name in FAMILY_MODULES)
+    """Whether every registration has happened."""
+    return all(name in sys.modules for names in AFTER_IMPORT.values() for name in names)
 
 
-def register_with_timm() -> None:
-    """Registers the families now if timm is imported, else as soon as it is."""
-    if registered() or any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+def register() -> None:
+    """Registers with the libraries already imported now, with the others once they are."""
+    if any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
         return
-    if "timm" in sys.modules:
-        _import_families()
-    else:
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    pending = {library: modules for library, modules in AFTER_IMPORT.items()
+               if not all(name in sys.modules for name in modules)}
+    for library in [name for name in pending if name in sys.modules]:
+        _import(pending.pop(library))
+    if pending:
+        sys.meta_path.insert(0, _RegisterAfterImport(pending))
 
 
-def _import_families() -> None:
-    for name in FAMILY_MODULES:
+def _import(modules: Sequence[str]) -> None:
+    for name in modules:
         importlib.import_module(name)
 
 
-def _half_imported(except_name: str) -> bool:
-    """Whether a module of this package, other than ``except_name``, is being imported."""
-    for name, module in list(sys.modules.items()):
-        if name == except_name or not name.startswith(_PACKAGE + "."):
-            continue
-        if getattr(getattr(module, "__spec__", None), "_initializing", False):
-            return True
-    return False
+def _half_imported(name: str) -> bool:
+    module = sys.modules.get(name)
+    return getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds ``timm`` and this package's modules with the other finders, and after each has
-    run checks whether the families can be imported now."""
+    """Finds the pending libraries and this package's modules with the other finders, and
+    after each has been executed imports what has become ready."""
+
+    def __init__(self, pending: dict[str, tuple[str, ...]]) -> None:
+        self.pending = pending
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "timm" and not fullname.startswith(_PACKAGE + "."):
+        if fullname not in self.pending and not fullname.startswith(_PACKAGE + "."):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -77,15 +83,23 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
                 return spec
         return None
 
-    def after(self, name: str) -> None:
-        if self not in sys.meta_path or "timm" not in sys.modules or _half_imported(name):
+    def after(self, finished: str) -> None:
+        """``finished`` (still flagged as importing) has been executed."""
+        if any(_half_imported(name) for name in list(sys.modules)
+               if name != finished and name.startswith(_PACKAGE + ".")):
+            return  # the outermost module of this package registers when it is done
+        ready = [library for library in self.pending if library in sys.modules
+                 and (library == finished or not _half_imported(library))]
+        if not ready:
             return
-        sys.meta_path.remove(self)
-        _import_families()
+        if len(ready) == len(self.pending) and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for library in ready:
+            _import(self.pending.pop(library))
 
 
 class _ThenRegister(importlib.abc.Loader):
-    """A loader that runs another, then tells the finder which module it finished."""
+    """A loader that runs another, then tells the finder which module it executed."""
 
     def __init__(self, loader: Any, finder: _RegisterAfterImport) -> None:
         self._loader, self._finder = loader, finder

@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     for line in _misleading(classes, names, num_classes):
         print(f"WARNING: {line}", file=sys.stderr)
     workers = min(args.num_workers, available_cores())
+    if workers < args.num_workers:
+        print(f"note: --num-workers {args.num_workers} is more than the {workers} CPU core(s) "
+              f"this process may use: using {workers}", file=sys.stderr)
     samples = [(path, labels[cls]) for cls in classes for path in files[cls]]
 
     data_config = resolve_data_config(model=model)
