@@ -1,8 +1,10 @@
-"""``internimage bench``: times the DCN op and a model against a timm baseline in one run.
+"""The timing library of ``internimage bench`` (:mod:`internimage.cli.bench`) and the
+scripts in ``benchmarks/``: cases, their set-up and interleaved timing, peak memory, the
+environment, the report and the warnings. Errors are ``ValueError`` naming the argument.
 
-Two parts, each case timed the same way (warm-up iterations, then up to ``--iters`` timed
-iterations or until ``--budget`` seconds have passed, whichever comes first; the median is
-reported):
+A run has two parts, each case timed the same way (warm-up iterations, then up to ``iters``
+timed rounds or until ``budget`` seconds per case have passed, whichever comes first; the
+median is reported):
 
 1. the model's DCN op (DCNv3 for InternImage, DCNv4 for FlashInternImage), compiled kernels
    (``torch.ops.internimage.dcnv3`` / ``dcnv4``) vs the pure-PyTorch reference
