@@ -1,8 +1,10 @@
-"""``internimage bench``: times the DCN op and a model against a timm baseline in one run.
+"""The timing library of ``internimage bench`` (:mod:`internimage.cli.bench`) and the
+scripts in ``benchmarks/``: cases, their set-up and interleaved timing, peak memory, the
+environment, the report and the warnings. Errors are ``ValueError`` naming the argument.
 
-Two parts, each case timed the same way (warm-up iterations, then up to ``--iters`` timed
-iterations or until ``--budget`` seconds have passed, whichever comes first; the median is
-reported):
+A run has two parts, each case timed the same way (warm-up iterations, then up to ``iters``
+timed rounds or until ``budget`` seconds per case have passed, whichever comes first; the
+median is reported):
 
 1. the model's DCN op (DCNv3 for InternImage, DCNv4 for FlashInternImage), compiled kernels
    (``torch.ops.internimage.dcnv3`` / ``dcnv4``) vs the pure-PyTorch reference
@@ -21,15 +23,12 @@ model weights, inputs, activations and (with ``--train``) gradients and optimize
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,13 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internimage.cli.errors import CommandError, one_line
-from internimage.cli.table import format_table
-from internimage.cli_common import build_model, check_model_name, resolve_device
-from internimage.files import atomic_write_text
+from internimage.factory import available_cores, build_model
+from internimage.table import format_table
 
-__all__ = ["run_bench", "PeakMemory", "parse_dtype", "dcn_stage_shapes", "PATHS", "model_case",
-           "prepare_case", "time_interleaved", "model_table", "gemm_peak_flops", "cpu_name"]
+__all__ = ["Case", "PeakMemory", "parse_dtype", "parse_paths", "dcn_stage_shapes", "op_cases",
+           "PATHS", "DEFAULT_PATHS", "model_case", "prepare_case", "time_interleaved",
+           "run_cases", "complexities", "environment", "report", "model_table",
+           "gemm_peak_flops", "cpu_name", "busy_warnings"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -54,13 +53,14 @@ DTYPES = {
 }
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """'float32' / 'bfloat16' / 'float16' (or fp32 / bf16 / fp16) -> torch dtype."""
+def parse_dtype(name: str, option: str = "dtype") -> torch.dtype:
+    """'float32' / 'bfloat16' / 'float16' (or fp32 / bf16 / fp16) -> torch dtype; otherwise
+    ``ValueError`` naming ``option``."""
     try:
         return DTYPES[name]
     except KeyError:
-        raise CommandError(
-            f"--dtype: expected one of float32, bfloat16, float16, got {name!r}"
+        raise ValueError(
+            f"{option}: expected one of float32, bfloat16, float16, got {name!r}"
         ) from None
 
 
@@ -156,8 +156,7 @@ class Case:
 def dcn_stage_shapes(model: nn.Module, img_size: int) -> list[dict[str, Any]]:
     """The DCN geometry of each stage at ``img_size`` (first block's module): ``op`` is
     'DCNv3' or 'DCNv4' (FlashInternImage, with its ``offset_mask`` width)."""
-    from internimage.dcnv3 import DCNv3
-    from internimage.dcnv4 import DCNv4
+    from internimage import DCNv3, DCNv4
 
     shapes = []
     for index, stage in enumerate(getattr(model, "stages", [])):
@@ -313,8 +312,8 @@ def prepare_case(case: Case, device: torch.device, warmup: int,
         case.peak_bytes = memory.peak()
         case.info["memory_method"] = memory.method
         return step
-    except (RuntimeError, NotImplementedError, CommandError) as error:
-        case.error = one_line(error)[:200]
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        case.error = _one_line(error)[:200]
         gc.collect()
         return None
 
@@ -335,7 +334,7 @@ def time_interleaved(steps: dict[Case, Callable[[], Any]], device: torch.device,
                 step()
                 _sync(device)
             except (RuntimeError, NotImplementedError) as error:
-                case.error = one_line(error)[:200]
+                case.error = _one_line(error)[:200]
                 continue
             case.samples.append(time.perf_counter() - t0)
             case.info.setdefault("cpu_s", []).append(time.process_time() - c0)
@@ -344,14 +343,63 @@ def time_interleaved(steps: dict[Case, Callable[[], Any]], device: torch.device,
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
+# A run
 
 
-def _environment(device: torch.device, dtype: torch.dtype, args: argparse.Namespace,
-                 img_size: int) -> dict[str, Any]:
+def op_cases(probe: nn.Module, img_size: int, batch: int, dtype: torch.dtype,
+             device: torch.device, train: bool) -> list[Case]:
+    """The DCN op of ``probe`` (a model, e.g. built on the meta device) at each stage shape:
+    compiled kernels and pure-PyTorch reference, one case each."""
+    return [_op_case(shape, impl, batch, dtype, device, train)
+            for shape in dcn_stage_shapes(probe, img_size)
+            for impl in ("compiled", "reference")]
+
+
+def run_cases(cases: list[Case], device: torch.device, *, warmup: int, iters: int,
+              budget: float = float("inf"), progress: Any = None) -> None:
+    """Sets up and times ``cases``: part by part ('op', then 'model'), each case set up (with
+    its memory peak) and warmed up one by one, then the part's cases timed interleaved
+    (:func:`time_interleaved`). ``progress``: a tqdm-like display advanced once per case."""
+    for part in dict.fromkeys(c.part for c in cases):
+        steps = {}
+        for case in (c for c in cases if c.part == part):
+            if progress is not None:
+                progress.set_description(f"set up {case.label}")
+            step = prepare_case(case, device, warmup, progress)
+            if step is not None:
+                steps[case] = step
+            if progress is not None:
+                progress.update(1)
+        if steps:
+            if progress is not None:
+                progress.set_description(f"timing {len(steps)} {part} cases")
+            time_interleaved(steps, device, iters, budget, progress)
+        steps.clear()
+        gc.collect()
+
+
+def complexities(names: list[str], img_size: int) -> dict[str, dict[str, Any]]:
+    """Parameters and multiply-adds of each model at ``img_size`` (counted on the meta
+    device); parameters only for a model the counter cannot run."""
+    from internimage.flops import count_params, model_complexity
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            out[name] = model_complexity(name, (3, img_size, img_size))
+        except Exception:  # a baseline the meta-device counter cannot run: params only
+            with torch.device("meta"):
+                out[name] = {"params": count_params(build_model(name)), "macs": None}
+    return out
+
+
+def environment(device: torch.device, dtype: torch.dtype, *, batch_size: int, img_size: int,
+                train: bool, channels_last: bool, paths: list[str]) -> dict[str, Any]:
+    """What a reader of the results needs to know about the run and the machine."""
     import timm
 
     import internimage
+    from internimage.ops import extension_available
 
     env: dict[str, Any] = {
         "device": str(device),
@@ -360,24 +408,57 @@ def _environment(device: torch.device, dtype: torch.dtype, args: argparse.Namesp
         "internimage": internimage.__version__,
         "python": platform.python_version(),
         "dtype": str(dtype).replace("torch.", ""),
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "img_size": img_size,
-        "mode": "train (forward+backward+AdamW step)" if args.train else "inference",
-        "channels_last": args.channels_last,
-        "paths": args.paths,
-        "extension": internimage.ops.extension_available(),
+        "mode": "train (forward+backward+AdamW step)" if train else "inference",
+        "channels_last": channels_last,
+        "paths": ",".join(paths),
+        "extension": extension_available(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
         env["cpu"] = cpu_name()
         env["threads"] = torch.get_num_threads()
-        env["cpu_count"] = os.cpu_count()
+        env["cpu_count"] = available_cores()
         try:
             env["load_average_1min"] = round(os.getloadavg()[0], 2)
         except OSError:
             pass
     return env
+
+
+def busy_warnings(cases: list[Case], env: dict[str, Any]) -> list[str]:
+    """One-line warnings when other work shared the cores during a CPU run: the 1-minute load
+    average above the cores available before the run, or a model case whose median CPU time
+    per iteration stayed below 60 % of its wall time times the threads it ran with (its
+    threads waited for the cores)."""
+    if env.get("device") != "cpu":
+        return []
+    warnings_: list[str] = []
+    cores, threads = env.get("cpu_count") or 1, env.get("threads") or 1
+    advice = ("close other work, or compare with --threads 1, and rerun; ratios measured in "
+              "one run stay comparable")
+    load = env.get("load_average_1min")
+    if load is not None and load > cores - 0.5:
+        warnings_.append(f"WARNING: the 1-minute load average was {load:.1f} on {cores} "
+                         f"core(s) before the run: other work shared the cores and these "
+                         f"times are slower than the machine's; {advice}")
+    starved = []
+    for case in cases:  # the models only: an op case of a few ms is mostly synchronisation
+        cpu, wall = case.info.get("cpu_s"), case.samples
+        if case.part != "model" or not cpu or not wall or case.error:
+            continue
+        usage = statistics.median(cpu) / statistics.median(wall)
+        if usage < 0.6 * min(threads, cores):
+            starved.append((case.label, usage))
+    if starved:
+        worst = min(starved, key=lambda item: item[1])
+        warnings_.append(f"WARNING: {len(starved)} case(s) got less CPU time than their "
+                         f"{min(threads, cores)} thread(s) could use (lowest: {worst[0]}, "
+                         f"{worst[1]:.2f} CPU s per wall s): other work ran on the cores; "
+                         f"{advice}")
+    return warnings_
 
 
 def cpu_name() -> str:
@@ -399,147 +480,66 @@ def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.0f}"
 
 
-def parse_paths(value: str | None, train: bool, cpu_float32: bool = True) -> list[str]:
-    """``--paths``: a comma-separated subset of :data:`PATHS` (default: all; 'eager' and
-    'compiled' with ``--train`` or off float32 CPU inference, where the optimized model, which
-    is float32 CPU inference only, cannot run)."""
+#: The paths ``internimage bench`` times by default: no torch.compile, whose Inductor
+#: compilation takes minutes of a CPU run.
+DEFAULT_PATHS = ("eager", "optimized")
+
+
+def parse_paths(value: str | None, train: bool, cpu_float32: bool = True,
+                option: str = "paths") -> list[str]:
+    """A comma-separated subset of :data:`PATHS` (default: :data:`DEFAULT_PATHS`; 'eager'
+    only with ``train`` or off float32 CPU inference, where the optimized model, which is
+    float32 CPU inference only, cannot run). A bad value is a ``ValueError`` naming
+    ``option``."""
     if value in (None, ""):
-        return ["eager", "compiled"] if train or not cpu_float32 else list(PATHS)
+        return ["eager"] if train or not cpu_float32 else list(DEFAULT_PATHS)
     paths = [p.strip() for p in value.split(",") if p.strip()]
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
-        raise CommandError(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, "
-                           f"got {value!r}")
+        raise ValueError(f"{option}: expected a comma-separated subset of {','.join(PATHS)}, "
+                         f"got {value!r}")
     if train and any("optimized" in p for p in paths):
-        raise CommandError("--paths: 'optimized' is inference-only (optimize_for_inference "
-                           "freezes the model); use eager or compiled with --train")
+        raise ValueError(f"{option}: 'optimized' is inference-only (optimize_for_inference "
+                         "freezes the model); use eager or compiled with --train")
     if not cpu_float32 and any("optimized" in p for p in paths):
-        raise CommandError("--paths: 'optimized' runs float32 on the CPU only "
-                           "(optimize_for_inference's fused kernels); use eager or compiled")
+        raise ValueError(f"{option}: 'optimized' runs float32 on the CPU only "
+                         "(optimize_for_inference's fused kernels); use eager or compiled")
     return list(dict.fromkeys(paths))
 
 
-def _optimizable(name: str) -> bool:
+def optimizable(name: str) -> bool:
     """Whether optimize_for_inference has fused kernels for the model: InternImage (DCNv3)
     only; it leaves FlashInternImage's DCNv4 modules as they are."""
     return name.split(".")[0].startswith("internimage_")
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """``internimage bench``; see the module docstring."""
-    from tqdm import tqdm
-
-    from internimage.flops import count_params, model_complexity
-
-    device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype)
-    for option, value in (("--batch-size", args.batch_size), ("--iters", args.iters)):
-        if value < 1:
-            raise CommandError(f"{option}: expected an integer >= 1, got {value}")
-    if args.warmup is not None and args.warmup < 0:
-        raise CommandError(f"--warmup: expected an integer >= 0, got {args.warmup}")
-    if args.budget <= 0:
-        raise CommandError(f"--budget: expected seconds > 0, got {args.budget}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads: expected an integer >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    check_model_name(args.model)
-    compare = None if args.compare in (None, "", "none") else args.compare
-    if compare is not None:
-        check_model_name(compare, "--compare")
-
-    with torch.device("meta"):
-        probe = build_model(args.model)
-    img_size = args.img_size or int(probe.pretrained_cfg["input_size"][-1])
-    if img_size < 32:
-        raise CommandError(f"--img-size: expected an integer >= 32, got {img_size}")
-    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
-
-    paths = parse_paths(args.paths, args.train,
-                        cpu_float32=device.type == "cpu" and dtype == torch.float32)
-    cases: list[Case] = []
-    shapes = [] if args.skip_op else dcn_stage_shapes(probe, img_size)
-    for shape in shapes:
-        for impl in ("compiled", "reference"):
-            cases.append(_op_case(shape, impl, args.batch_size, dtype, device, args.train))
-    model_names = [args.model] + ([compare] if compare else [])
-    for name in model_names:
-        for path in paths:
-            if "optimized" in path and not _optimizable(name):
-                continue  # nothing to fuse: baselines and FlashInternImage run as built
-            cases.append(model_case(name, path, args.batch_size, img_size, dtype, device,
-                                     args.train, args.channels_last))
-
-    complexity: dict[str, dict[str, Any]] = {}
-    for name in model_names:
-        try:
-            complexity[name] = model_complexity(name, (3, img_size, img_size))
-        except Exception:  # a baseline the meta-device counter cannot run: params only
-            with torch.device("meta"):
-                complexity[name] = {"params": count_params(build_model(name)), "macs": None}
-
-    env = _environment(device, dtype, args, img_size)
-    started = time.perf_counter()
-    with tqdm(total=len(cases), desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True,
-              disable=args.quiet or not sys.stderr.isatty()) as progress:
-        # each part's cases are set up (with their memory peaks) one by one, then timed
-        # interleaved, round by round
-        for part in ("op", "model"):
-            steps = {}
-            for case in (c for c in cases if c.part == part):
-                progress.set_description(f"set up {case.label}")
-                step = prepare_case(case, device, warmup, progress)
-                if step is not None:
-                    steps[case] = step
-                progress.update(1)
-            if steps:
-                progress.set_description(f"timing {len(steps)} {part} cases")
-                time_interleaved(steps, device, args.iters, args.budget, progress)
-            steps.clear()
-            gc.collect()
-    if not args.train and dtype == torch.float32:
-        env["gemm_peak_gflops"] = round(gemm_peak_flops(device) / 1e9, 1)
-    env["wall_s"] = round(time.perf_counter() - started, 1)
-
-    report = _report(cases, complexity, env, args, device)
-    print(report)
-    if args.json:
-        payload = {
-            "environment": env,
-            "cases": [dict(part=c.part, label=c.label, batch=c.batch, samples_s=c.samples,
-                           median_s=c.median if c.samples else None, peak_bytes=c.peak_bytes,
-                           error=c.error, **c.info) for c in cases],
-            "complexity": complexity,
-        }
-        atomic_write_text(args.json, json.dumps(payload, indent=2, default=str) + "\n")
-    return 1 if any(c.error for c in cases) else 0
-
-
-def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[str, Any],
-            args: argparse.Namespace, device: torch.device) -> str:
+def report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[str, Any], *,
+           model: str, iters: int, budget: float, skip_op: bool, train: bool) -> str:
+    """The run as text: the environment, the op table, the models' table, failures."""
+    device = env["device"]
     where = env.get("gpu") or f"{env['cpu']}, {env['threads']} threads"
     lines = [
-        f"internimage bench: {env['device']} ({where}), torch {env['torch']}, timm "
+        f"internimage bench: {device} ({where}), torch {env['torch']}, timm "
         f"{env['timm']}, {env['dtype']}, batch {env['batch_size']}, "
         f"{env['img_size']}x{env['img_size']}, {env['mode']}"
         + (", channels_last" if env["channels_last"] else "")
         + (f", load average {env['load_average_1min']}" if "load_average_1min" in env else ""),
-        f"timing: median of up to {args.iters} iterations after warm-up (at most "
-        f"{args.budget:g} s per case); memory: "
-        + ("torch.cuda.max_memory_allocated above the pre-case level" if device.type == "cuda"
-           else "peak RSS above the pre-case RSS (VmHWM reset per case)"),
+        f"timing: median of up to {iters} iterations after warm-up (at most "
+        f"{budget:g} s per case); memory: "
+        + ("torch.cuda.max_memory_allocated above the pre-case level"
+           if device.startswith("cuda") else
+           "peak RSS above the pre-case RSS (VmHWM reset per case)"),
     ]
     if not env["extension"]:
         lines.append("WARNING: the compiled extension internimage._C is not loaded: the "
                      "'compiled' op timings are the pure-PyTorch fallback")
-    op_cases = [c for c in cases if c.part == "op"]
-    if not op_cases and not args.skip_op:
-        lines += ["", f"DCN op: skipped ({args.model} has no DCNv3 / DCNv4 stages)"]
-    if op_cases:
+    op_cases_ = [c for c in cases if c.part == "op"]
+    if not op_cases_ and not skip_op:
+        lines += ["", f"DCN op: skipped ({model} has no DCNv3 / DCNv4 stages)"]
+    if op_cases_:
         rows = []
         by_stage: dict[int, dict[str, Case]] = {}
-        for case in op_cases:
+        for case in op_cases_:
             by_stage.setdefault(case.info["stage"], {})[case.info["impl"]] = case
         for stage, pair in sorted(by_stage.items()):
             comp, ref = pair.get("compiled"), pair.get("reference")
@@ -554,8 +554,8 @@ def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[
                 _cell(comp, lambda c: _mib(c.peak_bytes)),
                 _cell(ref, lambda c: _mib(c.peak_bytes)),
             ])
-        mode = "forward+backward" if args.train else "forward"
-        lines += ["", f"{info['op']} op ({mode}) at {args.model}'s stage shapes: compiled "
+        mode = "forward+backward" if train else "forward"
+        lines += ["", f"{info['op']} op ({mode}) at {model}'s stage shapes: compiled "
                       "kernels vs pure-PyTorch reference", format_table(
                           ["stage", "input (N, H, W, C)", "compiled ms", "reference ms",
                            "speed-up", "compiled peak MiB", "reference peak MiB"],
@@ -563,11 +563,14 @@ def _report(cases: list[Case], complexity: dict[str, dict[str, Any]], env: dict[
     model_cases = [c for c in cases if c.part == "model"]
     if model_cases:
         lines += ["", *model_table(model_cases, complexity, env)]
-    failed = [c for c in cases if c.error]
-    for case in failed:
-        lines.append(f"FAILED {case.label}: {case.error}")
-    lines.append(f"{len(cases)} cases timed in {env['wall_s']:.1f} s")
+    for case in cases:
+        if case.error:
+            lines.append(f"FAILED {case.label}: {case.error}")
     return "\n".join(lines)
+
+
+def _one_line(error: BaseException) -> str:
+    return "; ".join(part.strip() for part in str(error).splitlines() if part.strip())
 
 
 def _best(cases: list[Case]) -> Case | None:

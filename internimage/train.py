@@ -41,16 +41,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from internimage.checkpoint import save_safetensors
-from internimage.cli_common import (
+from internimage.checkpoint import load_weights, save_safetensors
+from internimage.data import ImageDecodeError
+from internimage.factory import (
     CUSTOM_MODELS,
-    CommandError,
+    available_cores,
     build_model,
     load_state_dict_file,
-    load_weights,
     resolve_device,
 )
-from internimage.data import ImageDecodeError
 from internimage.files import atomic_path, atomic_write_text
 from internimage.train_config import dump_config
 
@@ -58,12 +57,14 @@ __all__ = ["Trainer", "train_one_epoch", "validate", "batches", "build_param_gro
            "STATE_FORMAT", "RESUMABLE_KEYS", "SETUP_ERRORS"]
 
 STATE_FORMAT = "internimage-train-state/1"
+#: A peak LR below this barely moves the weights in a run of a few epochs: a warning says so.
+LR_FLOOR = 1e-6
 #: Keys that may change when resuming: they do not change the computation.
 RESUMABLE_KEYS = {"data.dir", "data.num_workers", "data.check_images", "train.device",
                   "train.threads"}
 #: What a setup step raises for bad input (a config value, the data, a checkpoint); the command
 #: line prints these on one line.
-SETUP_ERRORS = (CommandError, ValueError, FileNotFoundError, ImportError, FloatingPointError)
+SETUP_ERRORS = (ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)
 _METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5",
                   "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "train_time_s", "val_time_s",
                   "train_images_per_s"]
@@ -267,16 +268,17 @@ def train_one_epoch(
     module inside. A non-finite loss raises ``FloatingPointError`` (naming ``epoch``, 0-based,
     if given). ``desc`` shows a progress bar. Returns ``([loss * n, correct top-1 (without
     mixup), n] summed over this process's batches, global_step after the epoch)``.
+    The progress display is :func:`internimage.progress.progress` (a bar on a terminal, a line
+    every few seconds in a log).
     """
-    from tqdm import tqdm
+    from internimage.progress import progress
 
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     model.train()
     started = time.perf_counter()
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     seen = 0
-    with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
-              dynamic_ncols=True, disable=desc is None) as bar:
+    with progress(len(loader), desc, unit="batch", enabled=desc is not None) as bar:
         for step, (images, targets) in enumerate(batches(loader)):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -329,13 +331,12 @@ def validate(
     for sharded validation); ``desc`` shows a progress bar. The model's train/eval mode is
     restored. Returns ``{'loss', 'acc1', 'acc5', 'count'}``.
     """
-    from tqdm import tqdm
+    from internimage.progress import progress
 
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1, top-5, n
-    with tqdm(total=len(loader), desc=desc, unit="batch", file=sys.stderr, leave=False,
-              dynamic_ncols=True, disable=desc is None) as bar:
+    with progress(len(loader), desc, unit="batch", enabled=desc is not None) as bar:
         for images, targets in batches(loader):
             images, targets = images.to(device), targets.to(device)
             with autocast():
@@ -390,10 +391,15 @@ class Trainer:
         if self.ctx.main:
             print(f"note: {text}", file=sys.stderr, flush=True)
 
+    def warn(self, text: str) -> None:
+        """A one-line warning on stderr: the run goes on, but its numbers would mislead."""
+        if self.ctx.main:
+            print(f"WARNING: {text}", file=sys.stderr, flush=True)
+
     # -- setup -----------------------------------------------------------------------------
 
     def _device(self) -> torch.device:
-        device = resolve_device(self.cfg["train"]["device"])
+        device = resolve_device(self.cfg["train"]["device"], "train.device")
         if device.type == "cuda" and device.index is None and int(os.environ.get(
                 "WORLD_SIZE", "1")) > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -557,11 +563,13 @@ class Trainer:
                                             lambda: self._datasets(source, data_config))
             self.out = _setup_phase(self.ctx, self._output_dir)
             sched = self.cfg["sched"]
-            if sched["warmup_epochs"] >= sched["epochs"]:
-                notes.append(f"sched.warmup_epochs ({sched['warmup_epochs']}) >= sched.epochs "
-                             f"({sched['epochs']}): the whole run is LR warm-up")
             for text in notes:
                 self.note(text)
+            if sched["warmup_epochs"] >= sched["epochs"]:
+                self.warn(f"sched.warmup_epochs ({sched['warmup_epochs']}) >= sched.epochs "
+                          f"({sched['epochs']}): the whole run is LR warm-up and never trains "
+                          f"at optim.lr; train more than {sched['warmup_epochs']} epochs "
+                          "(--epochs) or lower sched.warmup_epochs")
 
             error: ValueError | None = None
             if self.ctx.main and self.resume is None:
@@ -609,7 +617,12 @@ class Trainer:
         mixup_active = acfg["mixup"] > 0 or acfg["cutmix"] > 0
         train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank,
                                            shuffle=True, seed=tcfg["seed"], drop_last=False)
-        loader_kwargs = dict(num_workers=dcfg["num_workers"], pin_memory=device.type == "cuda",
+        workers, cores = dcfg["num_workers"], available_cores()
+        if workers > cores:  # more would only compete for the cores (and torch warns per loader)
+            self.note(f"data.num_workers {workers} is more than the {cores} CPU core(s) this "
+                      f"process may use: using {cores}")
+            workers = cores
+        loader_kwargs = dict(num_workers=workers, pin_memory=device.type == "cuda",
                              worker_init_fn=_seed_worker)
         train_loader = DataLoader(train_ds, batch_size=dcfg["batch_size"], sampler=train_sampler,
                                   drop_last=mixup_active, **loader_kwargs)
@@ -687,12 +700,17 @@ class Trainer:
 
         if cfg["optim"]["lr_base_batch"]:
             base = cfg["optim"]["lr_base_batch"]
-            self.note(
-                f"optim.lr {cfg['optim']['lr']:.3g} is per {base} images "
-                f"(optim.lr_base_batch): the total batch of {dcfg['batch_size'] * ctx.world} "
-                f"({dcfg['batch_size']} x {ctx.world} process(es)) scales it by "
-                f"{run.lr_scale:.3g} to {run.lr:.3g} (warmup_lr and min_lr too); set "
-                "optim.lr_base_batch=null to use optim.lr as it is")
+            scaling = (f"optim.lr {cfg['optim']['lr']:.3g} is per {base} images "
+                       f"(optim.lr_base_batch): the total batch of "
+                       f"{dcfg['batch_size'] * ctx.world} ({dcfg['batch_size']} x {ctx.world} "
+                       f"process(es)) scales it by {run.lr_scale:.3g} to {run.lr:.3g}")
+            if run.lr < LR_FLOOR:
+                self.warn(f"{scaling}, below {LR_FLOOR:g}: the weights will barely move; raise "
+                          "--batch-size or --lr, or set optim.lr_base_batch=null to use "
+                          "optim.lr as it is")
+            else:
+                self.note(f"{scaling} (warmup_lr and min_lr too); set optim.lr_base_batch=null "
+                          "to use optim.lr as it is")
         self.log(
             f"internimage train: {cfg['model']['name']} ({count_params(model) / 1e6:.2f}M "
             f"params, {num_classes} classes) on "
@@ -709,7 +727,7 @@ class Trainer:
         if start_epoch:
             self.log(f"resuming after epoch {start_epoch} (step {global_step})")
 
-        progress = not self.quiet and ctx.main and sys.stderr.isatty()
+        progress = not self.quiet and ctx.main  # a bar on a terminal, else periodic lines
         run_started = time.perf_counter()
         epochs_this_run = 0
         for epoch in range(start_epoch, epochs):

@@ -142,7 +142,7 @@ def test_bad_command_line_is_exit_2(capsys: pytest.CaptureFixture) -> None:
 
 def test_models_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "models.json"
-    code, stdout, _ = run(["models", "--filter", "internimage_t", "--json", str(out)], capsys)
+    code, stdout, _ = run(["models", "--filter", "*internimage_t.*", "--json", str(out)], capsys)
     assert code == 0
     row = next(line for line in stdout.splitlines() if line.startswith("| internimage_t"))
     assert "in1k" in row and "29.92" in row and "224x224" in row and "64-128-256-512" in row
@@ -157,6 +157,17 @@ def test_models_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert flash_record["hf_hub_id"] == "OpenGVLab/DCNv4"
     assert flash_record["params"] == 29_815_528
     assert flash_record["flops_by_op"]["internimage.dcnv4"] > 0
+
+
+def test_models_filter_is_a_prefix_or_a_glob() -> None:
+    from internimage.cli.models import matches
+
+    assert matches("internimage_t.in1k", "internimage_t")
+    assert not matches("flash_internimage_t.in1k", "internimage_t")  # not 'contains'
+    assert not matches("internimage_xl.in22k", "internimage_l")
+    assert matches("internimage_h_meta", "internimage_h")
+    assert matches("flash_internimage_t.in1k", "*_t.*") and matches("internimage_t", "*_t*")
+    assert not matches("internimage_s.in1k", "*_t*")
 
 
 def test_flops_of_the_dcnv3_op_and_giant_models_on_meta() -> None:
@@ -197,9 +208,12 @@ def test_models_unknown_filter(capsys: pytest.CaptureFixture) -> None:
 def test_bench_small_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
     code, stdout, err = run(["bench", "--batch-size", "1", "--img-size", "32", "--iters", "2",
-                             "--warmup", "1", "--budget", "2", "--quiet", "--json", str(out),
-                             "--paths", "eager,optimized"], capsys)
+                             "--warmup", "1", "--budget", "2", "--quiet", "--json", str(out)],
+                            capsys)  # the default paths: eager, optimized
     assert code == 0, stdout + err
+    assert "not timed: the torch.compile (Inductor) paths compiled, optimized+compiled; add " \
+        "them with --paths eager,optimized,compiled,optimized+compiled" in stdout
+    assert_like_the_documented_output(stdout)
     assert "DCNv3 op (forward)" in stdout and "compiled ms" in stdout
     assert "| internimage_t | eager" in stdout and "| internimage_t | optimized" in stdout
     assert "| convnext_tiny | eager" in stdout and "convnext_tiny | optimized" not in stdout
@@ -214,6 +228,31 @@ def test_bench_small_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     op0 = next(c for c in cases if c["part"] == "op")
     assert op0["input_shape"] == [1, 8, 8, 64] and op0["group"] == 4
     assert payload["environment"]["img_size"] == 32
+
+
+def assert_like_the_documented_output(stdout: str) -> None:
+    """docs/cli.md's example of the default bench output holds the lines a real run prints:
+    each table header, and each other line up to its first '(', with numbers as '#'."""
+    import re
+
+    doc = (REPO / "docs" / "cli.md").read_text()
+    example = doc.split("<!-- bench output -->\n```\n", 1)[1].split("\n```", 1)[0]
+
+    def skeleton(line: str) -> str:
+        return re.sub(r"\d+(\.\d+)*", "#", line.split("(", 1)[0]).strip()
+
+    def header(line: str) -> list[str]:
+        return [re.sub(r"\d+", "#", cell.strip()) for cell in line.strip("|").split("|")]
+
+    real = stdout.splitlines()
+    lines = example.splitlines()
+    assert len(lines) > 15, example
+    for index, line in enumerate(lines):
+        if line.startswith("|"):
+            if index + 1 < len(lines) and lines[index + 1].startswith("|-"):  # a header
+                assert any(r.startswith("|") and header(r) == header(line) for r in real), line
+        elif line.strip():
+            assert any(skeleton(r) == skeleton(line) for r in real if r.strip()), line
 
 
 def test_bench_train_mode(capsys: pytest.CaptureFixture) -> None:
@@ -321,7 +360,7 @@ def test_predict_errors(trained: Path, digit_images: list[Path], tmp_path: Path,
     broken.write_bytes(b"not a png")
     code, _, err = run(["predict", str(broken), "--checkpoint",
                         str(trained / "model.safetensors")], capsys)
-    assert_one_line_error(code, err, "predict", "cannot read", "broken.png")
+    assert_one_line_error(code, err, "predict", "IMAGE: 1 unreadable image(s)", "broken.png")
     code, _, err = run(["predict", str(digit_images[0]), "--checkpoint",
                         str(tmp_path / "nope.pth"), "--model", "internimage_t"], capsys)
     assert_one_line_error(code, err, "predict", "--checkpoint", "not found")

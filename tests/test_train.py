@@ -145,8 +145,8 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert state["global_step"] == 2  # 96 images / (32 x 2 processes) = 1.5 -> 2 steps
 
     # the sharded validation was reduced exactly: re-evaluate the saved weights on all 48
-    from internimage.cli_common import build_model
     from internimage.data import DigitsDataset, digits_split
+    from internimage.factory import build_model
 
     meta_kwargs = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8],
                    "mlp_ratio": 4.0}
@@ -359,7 +359,7 @@ def test_flash_recipes_name_the_family_and_the_original_drop_paths(
 def test_param_groups_dcn_lr_of_flash_internimage() -> None:
     """As the original DCNv4 training code does ('offset' in the name), the packed
     offset_mask projection and its depthwise conv train at dcn_lr_mul x the LR."""
-    from internimage.cli_common import build_model
+    from internimage.factory import build_model
     from internimage.train import build_param_groups
 
     model = build_model("flash_internimage", num_classes=10,
@@ -376,7 +376,7 @@ def test_param_groups_dcn_lr_of_flash_internimage() -> None:
 
 
 def test_param_groups_layer_decay_and_dcn_lr() -> None:
-    from internimage.cli_common import build_model
+    from internimage.factory import build_model
     from internimage.train import build_param_groups
 
     model = build_model("internimage", num_classes=10,

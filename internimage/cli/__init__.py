@@ -6,12 +6,18 @@ Subcommands: ``models``, ``bench``, ``predict``, ``convert``, ``export``, ``trai
 has ``add_parser(subparsers)`` and ``run(args) -> exit status``; the work is done by library
 modules. Bad input ends with a one-line ``internimage <command>: error: ...`` on stderr and
 exit status 1 (2 for command-line syntax errors, as argparse does).
+
+Start-up: this package and every subcommand's module import only argparse when loaded (the
+library, torch and timm are imported inside ``run``), and ``import internimage`` is lazy, so
+``internimage --help``, ``internimage COMMAND --help`` and ``--version`` (torch and the
+extension only) answer without importing timm or the models.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -78,10 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropCudaHomeNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." line, which
+    ``torch.utils.cpp_extension`` logs when it is imported (by Inductor, for instance) on a
+    machine with a CUDA toolkit but no GPU: it says nothing about the command's work."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``internimage`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     from internimage.cli.errors import CommandError, one_line
 
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _DropCudaHomeNotice) for f in cpp_extension_log.filters):
+        cpp_extension_log.addFilter(_DropCudaHomeNotice())
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

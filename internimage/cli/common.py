@@ -1,27 +1,113 @@
-"""Options and model loading shared by ``predict``, ``convert``, ``export`` (and later
-``validate``): ``--model`` / ``--model-arg`` / ``--checkpoint`` / ``--pretrained``."""
+"""What the subcommands share: the ``--model`` / ``--model-arg`` / ``--checkpoint`` /
+``--pretrained`` options, and the library's devices, models and weights files
+(:mod:`internimage.factory`, :mod:`internimage.checkpoint`) with errors that name the option
+(:class:`CommandError`).
+
+Only argparse is imported here at start-up: ``internimage --help`` builds every subcommand's
+parser, so torch, timm and the models are imported inside the functions that use them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from internimage.checkpoint import checkpoint_num_classes
 from internimage.cli.errors import CommandError, one_line
-from internimage.cli_common import (
-    build_model,
-    check_model_name,
-    hub_reachable,
-    load_state_dict_file,
-    load_weights,
-    read_safetensors_metadata,
-)
 
-__all__ = ["add_model_arg", "add_weights_args", "parse_model_args", "model_from_checkpoint"]
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+__all__ = ["add_model_arg", "add_weights_args", "parse_model_args", "model_from_checkpoint",
+           "resolve_device", "check_model_name", "build_model", "read_safetensors_metadata",
+           "load_state_dict_file", "load_weights", "hub_reachable"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """:func:`internimage.factory.resolve_device` for ``--device``."""
+    from internimage.factory import resolve_device as resolve
+
+    try:
+        return resolve(name, "--device")
+    except ValueError as error:
+        raise CommandError(one_line(error)) from error
+
+
+def check_model_name(name: str, option: str = "--model") -> str:
+    """:func:`internimage.factory.check_model_name` for ``option``."""
+    from internimage.factory import check_model_name as check
+
+    try:
+        return check(name, option)
+    except ValueError as error:
+        raise CommandError(one_line(error)) from error
+
+
+def build_model(name: str, num_classes: int | None = None,
+                kwargs: dict[str, Any] | None = None, option: str = "--model") -> nn.Module:
+    """:func:`internimage.factory.build_model`; bad names or arguments are a
+    :class:`CommandError`."""
+    from internimage.factory import build_model as build
+
+    try:
+        return build(name, num_classes=num_classes, kwargs=kwargs, option=option)
+    except ValueError as error:
+        raise CommandError(one_line(error)) from error
+
+
+def read_safetensors_metadata(path: str | os.PathLike,
+                              option: str = "--checkpoint") -> dict[str, str]:
+    """:func:`internimage.checkpoint.read_safetensors_metadata`; a damaged file is a
+    :class:`CommandError` naming ``option``."""
+    from internimage import checkpoint
+
+    try:
+        return checkpoint.read_safetensors_metadata(path)
+    except ValueError as error:
+        raise CommandError(f"{option}: {one_line(error)}") from error
+
+
+def load_state_dict_file(path: str | os.PathLike,
+                         option: str = "--checkpoint") -> dict[str, Tensor]:
+    """:func:`internimage.factory.load_state_dict_file`: whatever is wrong with the file is
+    one :class:`CommandError` naming ``option``."""
+    from internimage.factory import load_state_dict_file as load
+
+    try:
+        return load(path, option)
+    except (ValueError, FileNotFoundError) as error:
+        raise CommandError(one_line(error)) from error
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> list[str]:
+    """:func:`internimage.checkpoint.load_weights`; a mismatch is a :class:`CommandError`."""
+    from internimage import checkpoint
+
+    try:
+        return checkpoint.load_weights(model, state_dict, source)
+    except checkpoint.CheckpointMismatchError as error:
+        raise CommandError(f"{one_line(error)} (wrong --model?)") from error
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the Hugging Face hub answers a TCP connection (a quick probe, so commands fail
+    in seconds instead of retrying for half a minute when there is no network)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False, "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, ""
+    except OSError as error:
+        return False, f"{host}:{port} unreachable: {error}"
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -31,7 +117,10 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
                         "e.g. --model-arg depths=[1,1,2,1] for a non-standard architecture")
 
 
-def add_weights_args(p: argparse.ArgumentParser, required_model: bool = False) -> None:
+def add_weights_args(p: argparse.ArgumentParser, required_model: bool = False,
+                     random_weights: bool = False) -> None:
+    """``--model``, ``--model-arg``, and ``--checkpoint`` or ``--pretrained`` (or, with
+    ``random_weights``, ``--random-weights``: a smoke test of the command's pipeline)."""
     p.add_argument("--model", default=None, required=required_model,
                    help="model name, e.g. internimage_t (optional when a checkpoint written "
                         "by 'internimage train' or 'convert' records it)")
@@ -43,6 +132,25 @@ def add_weights_args(p: argparse.ArgumentParser, required_model: bool = False) -
     group.add_argument("--pretrained", action="store_true",
                        help="the model tag's released weights (local Hugging Face cache or "
                             "the hub)")
+    if random_weights:
+        group.add_argument("--random-weights", action="store_true",
+                           help="randomly initialised --model: a smoke test of the command "
+                                "(its numbers are meaningless)")
+
+
+def check_images(paths: list[str], option: str = "IMAGE", quiet: bool = False) -> None:
+    """Opens every image (:func:`internimage.data.check_images`) before a model is built,
+    with a progress display; unreadable files are one :class:`CommandError` naming
+    ``option``."""
+    from internimage.data import check_images as check
+    from internimage.progress import progress
+
+    with progress(len(paths), "checking images", unit="img",
+                  enabled=not quiet and len(paths) > 1) as bar:
+        try:
+            check(paths, progress=lambda _: bar.update(1))
+        except ValueError as error:
+            raise CommandError(f"{option}: {one_line(error)}") from error
 
 
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
@@ -68,16 +176,35 @@ def model_from_checkpoint(
     pretrained: bool,
     device: torch.device,
     model_args: dict[str, Any] | None = None,
+    random_weights: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Builds the model for ``predict`` / ``export``.
+    """Builds the model for ``predict`` / ``validate`` / ``export``, with a progress display.
 
     ``checkpoint``: an original ``.pth``, a converted ``.safetensors`` or the
     ``model.safetensors`` written by ``internimage train`` (whose metadata names the
     architecture, the class names and the data config, so ``model_name`` may be omitted).
     ``pretrained``: the registered tag's weights from the local Hugging Face cache or the hub.
+    ``random_weights``: ``model_name`` randomly initialised (a note on stderr says so).
     ``model_args`` are extra constructor arguments (they win over recorded ones).
     Returns ``(model in eval mode, info)`` where info may hold ``class_names``.
     """
+    from internimage.progress import progress
+
+    what = model_name or (f"the model of '{checkpoint}'" if checkpoint else "the model")
+    with progress(1, f"building {what}", unit="model") as bar:
+        model, info = _build_with_weights(model_name, checkpoint, pretrained, model_args,
+                                          random_weights)
+        bar.update(1)
+    return model.to(device).eval(), info
+
+
+def _build_with_weights(model_name: str | None, checkpoint: str | None, pretrained: bool,
+                        model_args: dict[str, Any] | None,
+                        random_weights: bool) -> tuple[nn.Module, dict[str, Any]]:
+    import sys
+
+    from internimage.checkpoint import checkpoint_num_classes
+
     info: dict[str, Any] = {}
     model_args = dict(model_args or {})
     if checkpoint is not None:
@@ -104,12 +231,20 @@ def model_from_checkpoint(
         if model_name is None:
             raise CommandError("--model: required with --pretrained (e.g. --model internimage_t)")
         model = pretrained_model(model_name, model_args)
+    elif random_weights:
+        if model_name is None:
+            raise CommandError("--model: required without --checkpoint or --pretrained (e.g. "
+                               "--model internimage_t)")
+        model = build_model(model_name, kwargs=model_args)
+        print(f"note: no --checkpoint or --pretrained: {model_name} has random weights (a "
+              "smoke test; its outputs are meaningless)", file=sys.stderr)
     else:
         raise CommandError(
             "no weights: pass --checkpoint FILE (an original .pth, a converted .safetensors "
-            "or a model.safetensors from 'internimage train') or --pretrained"
+            "or a model.safetensors from 'internimage train'), --pretrained, or "
+            "--random-weights for a smoke test"
         )
-    return model.to(device).eval(), info
+    return model, info
 
 
 def pretrained_model(name: str, model_args: dict[str, Any]) -> nn.Module:

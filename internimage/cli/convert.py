@@ -40,12 +40,8 @@ def run(args: argparse.Namespace) -> int:
         convert_checkpoint,
         save_safetensors,
     )
-    from internimage.cli_common import (
-        CUSTOM_MODELS,
-        build_model,
-        check_model_name,
-        read_safetensors_metadata,
-    )
+    from internimage.cli.common import build_model, check_model_name, read_safetensors_metadata
+    from internimage.factory import CUSTOM_MODELS
     from internimage.files import atomic_path
 
     src, dst = Path(args.src), Path(args.dst)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from internimage.cli.common import add_weights_args, model_from_checkpoint, parse_model_args
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     """ONNX export of a checkpoint, the pretrained weights or a randomly initialised model."""
     import torch
 
-    from internimage.cli_common import build_model
+    from internimage.progress import working
 
     try:
         from internimage.export import export_onnx
@@ -50,22 +49,17 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--onnx: '{out}' exists; pass --force to overwrite it")
     if args.img_size is not None and args.img_size < 32:
         raise CommandError(f"--img-size: expected an integer >= 32, got {args.img_size}")
-    device = torch.device("cpu")
-    if args.checkpoint is None and not args.pretrained:
-        if args.model is None:
-            raise CommandError("--model: required without --checkpoint")
-        model = build_model(args.model, kwargs=parse_model_args(args.model_args)).eval()
-        print(f"note: no --checkpoint or --pretrained: exporting {args.model} with random "
-              "weights", file=sys.stderr)
-    else:
-        model, _ = model_from_checkpoint(args.model, args.checkpoint, args.pretrained, device,
-                                         parse_model_args(args.model_args))
+    model, _ = model_from_checkpoint(args.model, args.checkpoint, args.pretrained,
+                                     torch.device("cpu"), parse_model_args(args.model_args),
+                                     random_weights=args.checkpoint is None
+                                     and not args.pretrained)
     img_size = args.img_size or int(model.pretrained_cfg["input_size"][-1])
     existed = out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = export_onnx(model, str(out), img_size=img_size,
-                             dynamic_batch=not args.static_batch, custom_op=args.custom_op)
+        with working(f"exporting {out}"):
+            result = export_onnx(model, str(out), img_size=img_size,
+                                 dynamic_batch=not args.static_batch, custom_op=args.custom_op)
     except Exception as error:
         if not existed and out.exists():
             out.unlink()

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from internimage.cli.errors import CommandError
-from internimage.cli.table import format_table
+from internimage.table import format_table
 
 __all__ = ["add_parser", "run"]
 
@@ -18,7 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "pretrained tags: parameters, GMACs/GFLOPs at the tag's input size "
                     "(DCNv3 / DCNv4 op included; counted on the meta device), input size, "
                     "stage channels, classes.")
-    p.add_argument("--filter", default=None, help="only rows whose name contains this text")
+    p.add_argument("--filter", default=None, metavar="PATTERN",
+                   help="only the models and tags whose name starts with PATTERN "
+                        "(internimage_t: internimage_t and its tags, not flash_internimage_t), "
+                        "or matches it as a glob when it holds * ? or [ (e.g. '*_t*')")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
 
 
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from internimage.files import atomic_write_text
     from internimage.flops import model_complexity
+    from internimage.progress import progress
 
     families = ["internimage_*", "flash_internimage_*"]
     names = timm.list_models(families, pretrained=True, include_tags=True)
@@ -35,12 +39,15 @@ def run(args: argparse.Namespace) -> int:
                 if not any(t.split(".")[0] == n for t in names)]
     entries = sorted(names + untagged, key=_variant_order)
     if args.filter:
-        entries = [e for e in entries if args.filter in e]
+        entries = [e for e in entries if matches(e, args.filter)]
         if not entries:
             raise CommandError(f"--filter: no InternImage or FlashInternImage model or tag "
-                               f"contains {args.filter!r}")
+                               f"matches {args.filter!r} (a name prefix, or a glob with * ? "
+                               "or [)")
     rows, records = [], []
+    bar = progress(len(entries), "counting parameters and FLOPs", unit="model")
     for entry in entries:
+        bar.set_postfix_str(entry)
         arch, _, tag = entry.partition(".")
         cfg = timm.models.get_pretrained_cfg(entry)
         record = model_complexity(entry, num_classes=cfg.num_classes)
@@ -53,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             "-".join(map(str, record["stage_channels"])), record["num_classes"],
             cfg.hf_hub_filename or "-",
         ])
+        bar.update(1)
+    bar.close()
     headers = ["model", "tag", "params (M)", "GMACs", "GFLOPs", "input", "stage channels",
                "classes", "original weights file"]
     print(format_table(headers, rows, align="llrrrllrl"))
@@ -62,6 +71,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
     return 0
+
+
+def matches(name: str, pattern: str) -> bool:
+    """``--filter``: ``name`` (``arch`` or ``arch.tag``) starts with ``pattern``, or matches it
+    as a glob (:mod:`fnmatch`) when it holds ``*``, ``?`` or ``[``."""
+    from fnmatch import fnmatchcase
+
+    if any(char in pattern for char in "*?["):
+        return fnmatchcase(name, pattern)
+    return name.startswith(pattern)
 
 
 def _variant_order(name: str) -> tuple[bool, int, str]:

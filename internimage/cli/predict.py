@@ -6,7 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from internimage.cli.common import add_weights_args, model_from_checkpoint, parse_model_args
+from internimage.cli.common import (
+    add_weights_args,
+    check_images,
+    check_model_name,
+    model_from_checkpoint,
+    parse_model_args,
+)
 from internimage.cli.errors import CommandError, one_line
 
 __all__ = ["add_parser", "run"]
@@ -21,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "records).")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, or folders: every image in them (recursively, sorted)")
-    add_weights_args(p)
+    add_weights_args(p, random_weights=True)
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--img-size", type=int, default=None, help="override the input size")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
@@ -59,18 +65,25 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_data_config
 
-    from internimage.cli_common import resolve_device
+    from internimage.cli.common import resolve_device
     from internimage.files import atomic_write_text
 
-    images = _expand(args.images)
+    # everything the user gave is checked before the model is built
     if args.top_k < 1:
         raise CommandError(f"--top-k: expected an integer >= 1, got {args.top_k}")
     if args.img_size is not None and args.img_size < 32:
         raise CommandError(f"--img-size: expected an integer >= 32 (the models downsample "
                            f"32x), got {args.img_size}")
+    images = _expand(args.images)
+    model_args = parse_model_args(args.model_args)
     device = resolve_device(args.device)
+    if args.model is not None:
+        check_model_name(args.model)
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CommandError(f"--checkpoint: file not found: '{args.checkpoint}'")
+    check_images(images)
     model, info = model_from_checkpoint(args.model, args.checkpoint, args.pretrained, device,
-                                        parse_model_args(args.model_args))
+                                        model_args, random_weights=args.random_weights)
     model.eval()
     if device.type == "cpu" and not args.no_optimize:
         from internimage.inference import InferenceDCNv3, optimize_for_inference

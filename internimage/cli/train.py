@@ -61,7 +61,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], str, Path 
 
     Returns ``(config, recipe name, resume folder or None)``.
     """
-    from internimage.cli_common import check_model_name
+    from internimage.cli.common import check_model_name
     from internimage.train import RESUMABLE_KEYS
     from internimage.train_config import (
         ConfigError,

@@ -10,7 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from internimage.cli.common import add_weights_args, model_from_checkpoint, parse_model_args
+from internimage.cli.common import (
+    add_weights_args,
+    check_images,
+    check_model_name,
+    model_from_checkpoint,
+    parse_model_args,
+    read_safetensors_metadata,
+)
 from internimage.cli.errors import CommandError, one_line
 
 __all__ = ["add_parser", "run"]
@@ -25,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "class names a trained checkpoint records, else taken in sorted order "
                     "(ImageNet's synset folders give the 1k class indices).")
     p.add_argument("data", metavar="DIR", help="image folder, or a root holding val/")
-    add_weights_args(p)
+    add_weights_args(p, random_weights=True)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--img-size", type=int, default=None,
                    help="input side (default: the model's input size)")
@@ -42,13 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from timm.data import resolve_data_config
     from torch.utils.data import DataLoader
 
-    from internimage.cli_common import resolve_device
+    from internimage.cli.common import resolve_device
     from internimage.data import (
         ImageDecodeError,
         ImageFolderData,
         eval_transform,
         scan_class_folders,
     )
+    from internimage.factory import available_cores
     from internimage.files import atomic_write_text
     from internimage.train import validate
 
@@ -65,35 +73,46 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(f"DIR: {one_line(error)}") from error
     device = resolve_device(args.device)
+    model_args = parse_model_args(args.model_args)
+    if args.model is not None:
+        check_model_name(args.model)
+    if args.checkpoint is not None:
+        if not Path(args.checkpoint).is_file():
+            raise CommandError(f"--checkpoint: file not found: '{args.checkpoint}'")
+        recorded = read_safetensors_metadata(args.checkpoint).get("class_names")
+        if recorded is not None:
+            _check_recorded_names(classes, json.loads(recorded), folder)
+    check_images([str(p) for cls in classes for p in files[cls]], "DIR", args.quiet)
     model, info = model_from_checkpoint(args.model, args.checkpoint, args.pretrained, device,
-                                        parse_model_args(args.model_args))
+                                        model_args, random_weights=args.random_weights)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     names = info.get("class_names")
     if names is not None:
-        unknown = [cls for cls in classes if cls not in names]
-        if unknown:
-            raise CommandError(
-                f"DIR: class folder(s) {unknown[:5]} of '{folder}' are not among the "
-                f"checkpoint's class names {names[:10]}{' ...' if len(names) > 10 else ''}")
         labels = {cls: names.index(cls) for cls in classes}
     else:
         if len(classes) > num_classes:
             raise CommandError(f"DIR: '{folder}' has {len(classes)} class folders, the model "
                                f"{num_classes} classes")
         labels = {cls: index for index, cls in enumerate(classes)}
+    for line in _misleading(classes, names, num_classes):
+        print(f"WARNING: {line}", file=sys.stderr)
+    workers = min(args.num_workers, available_cores())
+    if workers < args.num_workers:
+        print(f"note: --num-workers {args.num_workers} is more than the {workers} CPU core(s) "
+              f"this process may use: using {workers}", file=sys.stderr)
     samples = [(path, labels[cls]) for cls in classes for path in files[cls]]
 
     data_config = resolve_data_config(model=model)
     if args.img_size is not None:
         data_config["input_size"] = (3, args.img_size, args.img_size)
     loader = DataLoader(ImageFolderData(samples, eval_transform(data_config)),
-                        batch_size=args.batch_size, num_workers=args.num_workers,
+                        batch_size=args.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     started = time.perf_counter()
     try:
         with torch.inference_mode():
             result = validate(model, loader, device,
-                              desc=None if args.quiet or not sys.stderr.isatty() else "validate")
+                              desc=None if args.quiet else "validate")
     except ImageDecodeError as error:
         raise CommandError(f"DIR: {one_line(error).removeprefix('data.dir: ')}") from error
     seconds = time.perf_counter() - started
@@ -107,3 +126,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     return 0
+
+
+def _check_recorded_names(classes: list[str], names: list[str], folder: Path) -> None:
+    """Every class folder must be one of the class names a trained checkpoint records."""
+    unknown = [cls for cls in classes if cls not in names]
+    if unknown:
+        raise CommandError(
+            f"DIR: class folder(s) {unknown[:5]} of '{folder}' are not among the "
+            f"checkpoint's class names {names[:10]}{' ...' if len(names) > 10 else ''}")
+
+
+def _misleading(classes: list[str], names: list[str] | None, num_classes: int) -> list[str]:
+    """What would make the accuracy mislead: folders matched to the model's classes by
+    sorted position rather than by name, and a top-5 that cannot miss."""
+    out = []
+    if names is None and len(classes) < num_classes:
+        shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+        out.append(f"the checkpoint records no class names, so the {len(classes)} class "
+                   f"folders ({shown}) are taken as the model's classes 0-{len(classes) - 1} "
+                   f"of {num_classes} by sorted position, not by name: the accuracy is "
+                   "meaningless unless the model was trained on these folders in this order")
+    if num_classes <= 5:
+        out.append(f"the model has {num_classes} classes, so top-5 accuracy is 100 % by "
+                   "construction; read top-1")
+    return out
