@@ -239,8 +239,8 @@ def memory_plan(model: nn.Module, optimizer: Any, *, strategy: str, world: int, 
     fresh optimizer over its parameters, stepped here once on meta tensors to create its
     state) under ``strategy`` ('ddp' or 'fsdp') with ``world`` processes. Keys: ``params``,
     ``grads`` (with DDP's gradient buckets, a second copy, under ddp), ``optimizer``, ``ema``,
-    ``gathered`` (fsdp: the largest unit's parameters all-gathered in the compute dtype, twice
-    for prefetching; 0 under ddp) and ``total``. Activations are not counted."""
+    ``gathered`` (fsdp: the root's parameters and twice the largest block's, prefetching,
+    all-gathered in the compute dtype; 0 under ddp) and ``total``. Activations are not counted."""
     if strategy not in PARALLEL_STRATEGIES:
         raise ValueError(f"train.parallel: expected one of {', '.join(PARALLEL_STRATEGIES)}, "
                          f"got {strategy!r}")
@@ -274,11 +274,16 @@ def memory_plan(model: nn.Module, optimizer: Any, *, strategy: str, world: int, 
         plan["ema"] = sum(held(p.shape) * p.element_size() for p in params) + sum(
             b.numel() * b.element_size() for b in model.buffers())
     if strategy == "fsdp":
-        size = (torch.tensor([], dtype=param_dtype).element_size() if param_dtype else None)
-        units = sharded_units(model)
-        largest = max(sum(p.numel() * (size or p.element_size()) for p in unit.parameters())
-                      for unit in units)
-        plan["gathered"] = 2 * largest
+        size = torch.tensor([], dtype=param_dtype).element_size() if param_dtype else None
+
+        def gathered(tensors: list[Tensor]) -> int:
+            return sum(p.numel() * (size or p.element_size()) for p in tensors)
+
+        units = [list(unit.parameters()) for unit in sharded_units(model)]
+        in_units = {id(p) for unit in units for p in unit}
+        root = [p for p in params if id(p) not in in_units]
+        # the root stays gathered from forward to backward; two blocks with prefetching
+        plan["gathered"] = gathered(root) + 2 * max(gathered(unit) for unit in units)
     for p in params:
         p.grad = None
     plan["total"] = sum(plan.values())
@@ -288,10 +293,10 @@ def memory_plan(model: nn.Module, optimizer: Any, *, strategy: str, world: int, 
 def format_memory_plan(plans: dict[str, dict[str, int]], world: int) -> str:
     """A table of :func:`memory_plan` results (one column per strategy), in GB (1e9 bytes)."""
     rows = [("parameters", "params"), ("gradients", "grads"), ("optimizer state", "optimizer"),
-            ("EMA", "ema"), ("all-gathered blocks", "gathered"), ("total", "total")]
+            ("EMA", "ema"), ("all-gathered (fsdp)", "gathered"), ("total", "total")]
     names = list(plans)
     header = f"{'per process, ' + str(world) + ' process(es)':<30}" + "".join(
-        f"{name:>12}" for name in names)
+        f"{name:>13}" for name in names)
     lines = [header]
     for label, key in rows:
         lines.append(f"{label:<30}" + "".join(f"{plans[n][key] / 1e9:>10.2f} GB"
