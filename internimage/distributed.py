@@ -122,13 +122,21 @@ def shard_model(model: nn.Module, device: torch.device, *, param_dtype: torch.dt
                 reshard_after_forward: bool) -> nn.Module:
     """Applies ``fully_shard`` to every block (:func:`sharded_units`), then to the root, on a
     1-D mesh over the world (the process group must exist). ``param_dtype`` (bf16 under
-    ``train.amp: bf16``) is the parameters' dtype in compute; gradients are reduced in
-    float32. Returns ``model`` (sharded in place)."""
+    ``train.amp: bf16``) is the parameters' dtype in compute (BatchNorm layers stay float32,
+    in units of their own); gradients are reduced in float32. Returns ``model``, sharded in
+    place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if param_dtype is not None:
+        # BatchNorm (the T-XL head) keeps float32 parameters, like its float32 running
+        # statistics, as under plain autocast: units of their own without the cast
+        batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+        for module in [m for m in model.modules() if isinstance(m, batch_norms)]:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                        mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     for unit in sharded_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy,
                     reshard_after_forward=reshard_after_forward)
