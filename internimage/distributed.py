@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["PARALLEL_STRATEGIES", "DistContext", "sharded_units", "shard_model", "model_ema",
-           "full_state_dict", "save_sharded_state", "load_sharded_state", "memory_plan",
+           "full_state_dict", "save_sharded_state", "load_sharded_state", "training_state",
+           "load_training_state", "memory_plan",
            "format_memory_plan"]
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
@@ -227,6 +228,44 @@ def load_sharded_state(folder: Path, model: nn.Module, optimizer: Any,
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if ema_module is not None:
         set_model_state_dict(ema_module, state["ema"])
+
+
+def training_state(folder: Path, epoch: int, model: nn.Module, optimizer: Any, ema: Any, *,
+                   sharded: bool) -> tuple[dict[str, Tensor], dict[str, Tensor] | None,
+                                           dict[str, Any]]:
+    """``(weights, EMA weights or None, resume entries)`` of a run after ``epoch``.
+
+    The resume entries are what ``state.pt`` holds of the model, the optimizer and ``ema``
+    (timm's ``ModelEmaV3`` or None): their state dicts; with ``sharded`` (FSDP), None for each
+    and ``sharded``: the name of the ``torch.distributed.checkpoint`` folder this writes to
+    ``folder``. With ``sharded`` this is a collective, and only rank 0 gets the whole weights
+    (the others get empty dicts)."""
+    ema_module = ema.module if ema is not None else None
+    if sharded:
+        name = f"state-epoch{epoch:04d}.dcp"
+        save_sharded_state(folder / name, model, optimizer, ema_module)
+        return (full_state_dict(model),
+                full_state_dict(ema_module) if ema_module is not None else None,
+                {"model": None, "optimizer": None, "ema": None, "sharded": name})
+    weights = model.state_dict()
+    return (weights, ema_module.state_dict() if ema_module is not None else None,
+            {"model": weights, "optimizer": optimizer.state_dict(),
+             "ema": ema.state_dict() if ema is not None else None})
+
+
+def load_training_state(folder: Path, state: dict[str, Any], model: nn.Module, optimizer: Any,
+                        ema: Any) -> None:
+    """Loads the resume entries of :func:`training_state` (``state``, read from ``folder``'s
+    ``state.pt``) into the model, optimizer and EMA; a sharded state on any number of
+    processes."""
+    if state.get("sharded"):
+        load_sharded_state(folder / state["sharded"], model, optimizer,
+                           ema.module if ema is not None else None)
+        return
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,13 +52,7 @@ from internimage.cli_common import (
 )
 from internimage.data import ImageDecodeError
 from internimage.distributed import DistContext as _Dist
-from internimage.distributed import (
-    full_state_dict,
-    load_sharded_state,
-    model_ema,
-    save_sharded_state,
-    shard_model,
-)
+from internimage.distributed import load_training_state, model_ema, shard_model, training_state
 from internimage.files import atomic_path, atomic_write_text
 from internimage.train_config import dump_config
 
@@ -766,21 +760,10 @@ class Trainer:
               num_classes: int, data_config: dict[str, Any]) -> None:
         """Writes the outputs (rank 0); under FSDP every rank takes part (sharded state and
         the consolidated weights are collectives)."""
-        out, ema = self.out, run.ema
+        out = self.out
         assert out is not None
-        if run.fsdp:  # every process writes its shards; rank 0 gets the whole weights
-            sharded = f"state-epoch{epoch:04d}.dcp"
-            save_sharded_state(out / sharded, model, run.optimizer,
-                               ema.module if ema is not None else None)
-            weights = full_state_dict(model)
-            ema_weights = full_state_dict(ema.module) if ema is not None else None
-            resumable: dict[str, Any] = {"model": None, "optimizer": None, "ema": None,
-                                         "sharded": sharded}
-        else:
-            weights = model.state_dict()
-            ema_weights = ema.module.state_dict() if ema is not None else None
-            resumable = {"model": weights, "optimizer": run.optimizer.state_dict(),
-                         "ema": ema.state_dict() if ema is not None else None}
+        weights, ema_weights, resumable = training_state(out, epoch, model, run.optimizer,
+                                                         run.ema, sharded=run.fsdp)
         if not self.ctx.main:
             return
         atomic_write_text(out / "metrics.json", json.dumps(history, indent=2) + "\n")
@@ -828,14 +811,7 @@ class Trainer:
                 from error
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"resume: '{path}' is not a {STATE_FORMAT} file")
-        if state.get("sharded"):  # FSDP: any number of processes
-            load_sharded_state(self.resume / state["sharded"], model, run.optimizer,
-                               run.ema.module if run.ema is not None else None)
-        else:
-            model.load_state_dict(state["model"])
-            run.optimizer.load_state_dict(state["optimizer"])
-            if run.ema is not None and state["ema"] is not None:
-                run.ema.load_state_dict(state["ema"])
+        load_training_state(self.resume, state, model, run.optimizer, run.ema)
         run.scheduler.load_state_dict(state["scheduler"])
         run.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
