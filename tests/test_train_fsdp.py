@@ -30,10 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 # update is proportional to the gradient (unlike Adam's), so averaged and summed gradients
 # give different weights; clip_grad 15 clips some steps (norms 8 to 21) and not others;
 # layer decay, the DCN LR multiplier, EMA and gradient checkpointing on. The clip head (H/G's)
-# has no BatchNorm, whose statistics would depend on the per-process batch.
+# has no BatchNorm, whose statistics would depend on the per-process batch. 33 validation
+# images: 2 batches of 16 on rank 0, 1 on rank 1 (which runs an uncounted forward to match).
 RUN = [
     "train", "--quiet", "--epochs", "3", "--set", "sched.warmup_epochs=1",
-    "--set", "data.train_limit=128", "--set", "data.val_limit=47", "--set", "data.max_shift=0",
+    "--set", "data.train_limit=128", "--set", "data.val_limit=33", "--set", "data.max_shift=0",
     "--set", "model.kwargs.channels=16", "--set", "model.kwargs.groups=[1,2,4,8]",
     "--set", "model.kwargs.use_clip_projector=true", "--set", "model.drop_path_rate=0",
     "--set", "model.grad_checkpointing=true", "--set", "aug.mixup=0", "--set", "aug.cutmix=0",
@@ -239,6 +240,38 @@ def test_flash_internimage_shards_like_it_trains_alone(amp: str, atol: float,
     assert all(d <= atol for d in diffs.values()), diffs
     weights = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_ctrl_c_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted in epoch 2, an fsdp run (ZeRO-2 here) keeps epoch 1's sharded state and
+    resumes."""
+    import internimage.train as train_module
+
+    real = train_module.train_one_epoch
+    calls = []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_in_epoch_2)
+    out = tmp_path / "run"
+    args = ["train", "--quiet", "--epochs", "2", "--batch-size", "32",
+            "--set", "data.train_limit=32", "--set", "data.val_limit=8",
+            "--set", "model.kwargs.channels=16", "--set", "model.kwargs.groups=[1,2,4,8]",
+            "--set", "model.kwargs.depths=[1,1,1,1]", *FSDP,
+            "--set", "train.fsdp_reshard_after_forward=false", "--output", str(out)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"internimage train --resume {out}" in err and "epoch 1" in err, err
+    assert (out / "state-epoch0001.dcp" / ".metadata").is_file()
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    assert main(["train", "--quiet", "--resume", str(out)]) == 0
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 2
 
 
 def test_memory_plan_counts_each_process_share() -> None:
