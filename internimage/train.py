@@ -16,7 +16,8 @@
   on the CPU, an interrupted and resumed run ends with bit-identical weights and metrics.
 * Multi-process: ``torchrun --nproc_per_node N -m internimage train ...`` (gloo on the CPU,
   nccl on GPUs); ``DistributedSampler`` shards the training set (``set_epoch`` every epoch),
-  validation is sharded without padding and reduced exactly.
+  validation is sharded without padding and reduced exactly. ``train.parallel`` is ``ddp``
+  or ``fsdp`` (sharded model, optimizer and EMA; :mod:`internimage.distributed`).
 """
 
 from __future__ import annotations
@@ -211,9 +212,10 @@ def train_one_epoch(
     """One epoch: forward (under ``autocast``), loss, backward through ``scaler``, optional
     gradient clipping, optimizer step, per-step ``scheduler.step_update`` and EMA update.
 
-    ``model`` may be wrapped in ``DistributedDataParallel``; clipping and the EMA use the
-    module inside. A non-finite loss raises ``FloatingPointError`` (naming ``epoch``, 0-based,
-    if given). ``desc`` shows a progress bar. Returns ``([loss * n, correct top-1 (without
+    ``model`` may be wrapped in ``DistributedDataParallel`` (clipping and the EMA use the
+    module inside) or sharded with FSDP (clipping takes the norm of the sharded gradients).
+    A non-finite loss raises ``FloatingPointError`` (naming ``epoch``, 0-based, if given).
+    ``desc`` shows a progress bar. Returns ``([loss * n, correct top-1 (without
     mixup), n] summed over this process's batches, global_step after the epoch)``.
     """
     from tqdm import tqdm
