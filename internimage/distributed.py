@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 __all__ = ["PARALLEL_STRATEGIES", "DistContext", "sharded_units", "shard_model", "model_ema",
            "full_state_dict", "save_sharded_state", "load_sharded_state", "training_state",
-           "load_training_state", "memory_plan",
+           "load_training_state", "memory_plan", "memory_report",
            "format_memory_plan"]
 
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
@@ -349,3 +349,42 @@ def format_memory_plan(plans: dict[str, dict[str, int]], world: int) -> str:
         lines.append(f"{label:<30}" + "".join(f"{plans[n][key] / 1e9:>10.2f} GB"
                                                for n in names))
     return "\n".join(lines)
+
+
+def memory_report(cfg: dict[str, Any], world: int) -> str:
+    """:func:`memory_plan` of a training config for ``world`` processes, under both
+    strategies (``train.parallel`` first), as text: the model built on the meta device (the
+    class count from ``model.num_classes``, the digits' 10, or ``data.dir``'s class folders)
+    with the config's optimizer and parameter groups."""
+    from timm.optim import create_optimizer_v2
+
+    from internimage.cli_common import build_model
+    from internimage.train import build_param_groups
+
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world: expected an integer >= 1, got {world!r}")
+    mcfg, ocfg, dcfg = cfg["model"], cfg["optim"], cfg["data"]
+    num_classes = mcfg["num_classes"]
+    if num_classes is None and dcfg["dir"] is None:
+        num_classes = 10  # the embedded digits
+    elif num_classes is None and (Path(dcfg["dir"]) / "train").is_dir():
+        num_classes = sum(p.is_dir() for p in (Path(dcfg["dir"]) / "train").iterdir())
+    kwargs = dict(mcfg["kwargs"])
+    if mcfg["drop_path_rate"] is not None:
+        kwargs.setdefault("drop_path_rate", mcfg["drop_path_rate"])
+    with torch.device("meta"):
+        model = build_model(mcfg["name"], num_classes=num_classes, kwargs=kwargs)
+    optimizer = create_optimizer_v2(
+        model, opt=ocfg["opt"], lr=ocfg["lr"], weight_decay=ocfg["weight_decay"],
+        param_group_fn=lambda m: build_param_groups(
+            m, ocfg["weight_decay"], ocfg["layer_decay"], ocfg["dcn_lr_mul"]))
+    tcfg = cfg["train"]
+    plans = {name: memory_plan(model, optimizer, strategy=name, world=world,
+                               ema=cfg["ema"]["enabled"],
+                               param_dtype=torch.bfloat16 if tcfg["amp"] == "bf16" else None)
+             for name in sorted(PARALLEL_STRATEGIES, key=lambda n: n != tcfg["parallel"])}
+    params = sum(p.numel() for p in model.parameters())
+    return (f"{mcfg['name']}: {params / 1e6:.1f}M parameters, {ocfg['opt']}, "
+            f"{'EMA' if cfg['ema']['enabled'] else 'no EMA'}, amp {tcfg['amp']}; "
+            f"train.parallel: {tcfg['parallel']}; activations not counted\n"
+            + format_memory_plan(plans, world))

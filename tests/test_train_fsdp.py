@@ -318,6 +318,7 @@ def test_dry_run_prints_the_table(capsys: pytest.CaptureFixture) -> None:
      "--set train.amp=fp16: fp16 (with its loss scaler) is not supported with "
      "train.parallel=fsdp"),
     (["--world-size", "2"], "--world-size: only with --dry-run"),
+    (["--dry-run", "--world-size", "0"], "--world-size: expected an integer >= 1, got 0"),
 ])
 def test_bad_parallel_settings_are_one_line_errors(args: list[str], needle: str,
                                                    capsys: pytest.CaptureFixture) -> None:

@@ -4,6 +4,7 @@ one-line errors that name the option; the run is :class:`internimage.train.Train
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,16 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     if args.dry_run:
-        print(_dry_run(cfg, args.world_size))
+        from internimage.distributed import memory_report
+
+        world = args.world_size if args.world_size is not None else \
+            int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 1:
+            raise CommandError(f"--world-size: expected an integer >= 1, got {world}")
+        try:
+            print(memory_report(cfg, world))
+        except (ValueError, TypeError, KeyError, AssertionError) as error:
+            raise CommandError(f"--dry-run: {one_line(error)}") from error
         return 0
     if args.world_size is not None:
         raise CommandError("--world-size: only with --dry-run (torchrun sets the world size)")
@@ -207,49 +217,3 @@ def run(args: argparse.Namespace) -> int:
     except SETUP_ERRORS as error:
         raise CommandError(_with_option(one_line(error), set_by)) from error
 
-
-def _dry_run(cfg: dict[str, Any], world: int | None) -> str:
-    """The memory plan of ``cfg`` (model on the meta device, its optimizer stepped on meta
-    tensors) for ``world`` processes under both strategies, the configured one first."""
-    import os
-
-    import torch
-    from timm.optim import create_optimizer_v2
-
-    from internimage.cli_common import build_model
-    from internimage.distributed import PARALLEL_STRATEGIES, format_memory_plan, memory_plan
-    from internimage.train import build_param_groups
-
-    if world is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 1:
-        raise CommandError(f"--world-size: expected an integer >= 1, got {world}")
-    mcfg, ocfg, dcfg = cfg["model"], cfg["optim"], cfg["data"]
-    num_classes = mcfg["num_classes"]
-    if num_classes is None and dcfg["dir"] is None:
-        num_classes = 10  # the embedded digits
-    elif num_classes is None and (Path(dcfg["dir"]) / "train").is_dir():
-        num_classes = sum(p.is_dir() for p in (Path(dcfg["dir"]) / "train").iterdir())
-    kwargs = dict(mcfg["kwargs"])
-    if mcfg["drop_path_rate"] is not None:
-        kwargs.setdefault("drop_path_rate", mcfg["drop_path_rate"])
-    try:
-        with torch.device("meta"):
-            model = build_model(mcfg["name"], num_classes=num_classes, kwargs=kwargs)
-        optimizer = create_optimizer_v2(
-            model, opt=ocfg["opt"], lr=ocfg["lr"], weight_decay=ocfg["weight_decay"],
-            param_group_fn=lambda m: build_param_groups(
-                m, ocfg["weight_decay"], ocfg["layer_decay"], ocfg["dcn_lr_mul"]))
-        chosen = cfg["train"]["parallel"]
-        plans = {name: memory_plan(model, optimizer, strategy=name, world=world,
-                                   ema=cfg["ema"]["enabled"],
-                                   param_dtype=torch.bfloat16 if cfg["train"]["amp"] == "bf16"
-                                   else None)
-                 for name in sorted(PARALLEL_STRATEGIES, key=lambda n: n != chosen)}
-    except (ValueError, TypeError, KeyError, AssertionError) as error:
-        raise CommandError(f"--dry-run: {one_line(error)}") from error
-    params = sum(p.numel() for p in model.parameters())
-    return (f"{mcfg['name']}: {params / 1e6:.1f}M parameters, {ocfg['opt']}, "
-            f"{'EMA' if cfg['ema']['enabled'] else 'no EMA'}, amp {cfg['train']['amp']}; "
-            f"train.parallel: {cfg['train']['parallel']}; activations not counted\n"
-            + format_memory_plan(plans, world))
