@@ -16,7 +16,8 @@
   on the CPU, an interrupted and resumed run ends with bit-identical weights and metrics.
 * Multi-process: ``torchrun --nproc_per_node N -m internimage train ...`` (gloo on the CPU,
   nccl on GPUs); ``DistributedSampler`` shards the training set (``set_epoch`` every epoch),
-  validation is sharded without padding and reduced exactly.
+  validation is sharded without padding and reduced exactly. ``train.parallel`` is ``ddp``
+  or ``fsdp`` (sharded model, optimizer and EMA; :mod:`internimage.distributed`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+import yaml
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from internimage.checkpoint import load_weights, save_safetensors
@@ -50,6 +51,8 @@ from internimage.factory import (
     load_state_dict_file,
     resolve_device,
 )
+from internimage.distributed import DistContext as _Dist
+from internimage.distributed import load_training_state, model_ema, shard_model, training_state
 from internimage.files import atomic_path, atomic_write_text
 from internimage.train_config import dump_config
 
@@ -59,9 +62,10 @@ __all__ = ["Trainer", "train_one_epoch", "validate", "batches", "build_param_gro
 STATE_FORMAT = "internimage-train-state/1"
 #: A peak LR below this barely moves the weights in a run of a few epochs: a warning says so.
 LR_FLOOR = 1e-6
-#: Keys that may change when resuming: they do not change the computation.
+#: Keys that may change when resuming: they do not change the computation (data.batch_size
+#: does not when the total batch stays: resuming on another number of processes).
 RESUMABLE_KEYS = {"data.dir", "data.num_workers", "data.check_images", "train.device",
-                  "train.threads"}
+                  "train.threads", "data.batch_size"}
 #: What a setup step raises for bad input (a config value, the data, a checkpoint); the command
 #: line prints these on one line.
 SETUP_ERRORS = (ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)
@@ -108,61 +112,6 @@ def build_param_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers
-
-
-class _Dist:
-    """Rank / world size, and the few collectives the trainer needs (no-ops when single)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.created = False
-        self.device = device
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
-            self.created = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def _tensor(self, values: list[float]) -> Tensor:
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        return torch.tensor(values, dtype=torch.float64, device=device)
-
-    def all_ok(self, ok: bool) -> bool:
-        if self.world == 1:
-            return ok
-        flag = self._tensor([1.0 if ok else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0.5)
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        tensor = self._tensor(values)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        if self.created and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _setup_phase(ctx: _Dist, fn: Any) -> Any:
@@ -264,9 +213,10 @@ def train_one_epoch(
     """One epoch: forward (under ``autocast``), loss, backward through ``scaler``, optional
     gradient clipping, optimizer step, per-step ``scheduler.step_update`` and EMA update.
 
-    ``model`` may be wrapped in ``DistributedDataParallel``; clipping and the EMA use the
-    module inside. A non-finite loss raises ``FloatingPointError`` (naming ``epoch``, 0-based,
-    if given). ``desc`` shows a progress bar. Returns ``([loss * n, correct top-1 (without
+    ``model`` may be wrapped in ``DistributedDataParallel`` (clipping and the EMA use the
+    module inside) or sharded with FSDP (clipping takes the norm of the sharded gradients).
+    A non-finite loss raises ``FloatingPointError`` (naming ``epoch``, 0-based, if given).
+    ``desc`` shows a progress bar. Returns ``([loss * n, correct top-1 (without
     mixup), n] summed over this process's batches, global_step after the epoch)``.
     The progress display is :func:`internimage.progress.progress` (a bar on a terminal, a line
     every few seconds in a log).
@@ -323,13 +273,15 @@ def train_one_epoch(
 @torch.no_grad()
 def validate(
     model: nn.Module, loader: DataLoader, device: torch.device, autocast: Any = nullcontext,
-    reduce: Any = None, desc: str | None = None,
+    reduce: Any = None, desc: str | None = None, steps: int | None = None,
 ) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy (%) of ``model`` in eval mode over ``loader``.
 
     ``reduce`` sums the per-process ``[loss * n, top-1, top-5, n]`` across processes (exact
-    for sharded validation); ``desc`` shows a progress bar. The model's train/eval mode is
-    restored. Returns ``{'loss', 'acc1', 'acc5', 'count'}``.
+    for sharded validation); ``desc`` shows a progress bar; ``steps`` (FSDP, where every rank
+    runs as many forwards as the others) adds forwards of the first image, counted nowhere,
+    up to that many. The model's train/eval mode is restored. Returns ``{'loss', 'acc1',
+    'acc5', 'count'}``.
     """
     from internimage.progress import progress
 
@@ -347,6 +299,9 @@ def validate(
             sums[2] += (top == targets[:, None]).any(-1).sum().item()
             sums[3] += images.shape[0]
             bar.update(1)
+    for _ in range(len(loader), steps or 0):
+        with autocast():
+            model(loader.dataset[0][0][None].to(device))
     model.train(was_training)
     loss, top1, top5, count = reduce(sums) if reduce is not None else sums
     total = max(count, 1)
@@ -535,7 +490,7 @@ class Trainer:
         saved_threads = torch.get_num_threads()
         saved_deterministic = torch.are_deterministic_algorithms_enabled()
         device = self._device()
-        self.ctx = _Dist(device)
+        self.ctx = _Dist(device, process_group=self.cfg["train"]["parallel"] == "fsdp")
         self.out: Path | None = None
         created_out = False
         try:
@@ -605,15 +560,22 @@ class Trainer:
         from timm.loss import SoftTargetCrossEntropy
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
-        from timm.utils import ModelEmaV3
 
         cfg, ctx = self.cfg, self.ctx
         dcfg, ocfg, scfg, acfg, tcfg = (cfg["data"], cfg["optim"], cfg["sched"], cfg["aug"],
                                         cfg["train"])
         # Channels-last conv weights, like the activations: the gradients of 1x1 and depthwise
         # kernels come out channels-last, and DDP's buckets follow the parameters' strides
-        # (else every rank warns "Grad strides do not match bucket view strides").
-        model.to(device, memory_format=torch.channels_last)
+        # (else every rank warns "Grad strides do not match bucket view strides"). FSDP shards
+        # contiguous parameters only.
+        fsdp = tcfg["parallel"] == "fsdp"
+        model.to(device, memory_format=torch.contiguous_format if fsdp else torch.channels_last)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg["amp"])
+        ema = model_ema(model, cfg["ema"]["decay"], cfg["ema"]["warmup"], fsdp) \
+            if cfg["ema"]["enabled"] else None
+        for module in ([model] + ([ema.module] if ema is not None else [])) if fsdp else []:
+            shard_model(module, device, param_dtype=amp_dtype,
+                        reshard_after_forward=tcfg["fsdp_reshard_after_forward"])
         mixup_active = acfg["mixup"] > 0 or acfg["cutmix"] > 0
         train_sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank,
                                            shuffle=True, seed=tcfg["seed"], drop_last=False)
@@ -658,16 +620,14 @@ class Trainer:
             warmup_epochs=scfg["warmup_epochs"], warmup_lr=warmup_lr, min_lr=min_lr,
             step_on_epochs=False, updates_per_epoch=len(train_loader),
         )
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg["amp"])
         ddp_model: nn.Module = model
-        if ctx.world > 1:
+        if ctx.world > 1 and not fsdp:
             ddp_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         return SimpleNamespace(
             train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader,
             lr=lr, lr_scale=scale, optimizer=optimizer, scheduler=scheduler,
-            ema=ModelEmaV3(model, decay=cfg["ema"]["decay"], use_warmup=cfg["ema"]["warmup"])
-            if cfg["ema"]["enabled"] else None,
+            ema=ema, fsdp=fsdp,
             scaler=torch.amp.GradScaler(device.type, enabled=tcfg["amp"] == "fp16"),
             mixup=Mixup(mixup_alpha=acfg["mixup"], cutmix_alpha=acfg["cutmix"],
                         prob=acfg["mixup_prob"], switch_prob=acfg["mixup_switch_prob"],
@@ -688,8 +648,7 @@ class Trainer:
         run = self._setup_training(model, train_ds, val_ds, num_classes, device)
         start_epoch, global_step, history = 0, 0, []
         if self.resume is not None:
-            state = self._load_state(model, run.optimizer, run.scheduler, run.ema, run.scaler,
-                                     device)
+            state = self._load_state(model, run, device)
             start_epoch, global_step, history = (state["epoch"], state["global_step"],
                                                  state["history"])
         else:
@@ -728,6 +687,9 @@ class Trainer:
             self.log(f"resuming after epoch {start_epoch} (step {global_step})")
 
         progress = not self.quiet and ctx.main  # a bar on a terminal, else periodic lines
+        # FSDP: every rank runs as many validation forwards as rank 0, which has the most images
+        val_steps = -(-len(run.val_loader.sampler) // dcfg["batch_size"]) if ctx.main else 0
+        val_steps = ctx.broadcast(val_steps) if run.fsdp else None
         run_started = time.perf_counter()
         epochs_this_run = 0
         for epoch in range(start_epoch, epochs):
@@ -745,9 +707,9 @@ class Trainer:
 
             val_started = time.perf_counter()
             val = validate(model, run.val_loader, device, run.autocast, reduce=ctx.sum,
-                           desc=f"epoch {epoch + 1} val" if progress else None)
+                           desc=f"epoch {epoch + 1} val" if progress else None, steps=val_steps)
             ema_val = validate(run.ema.module, run.val_loader, device, run.autocast,
-                               reduce=ctx.sum,
+                               reduce=ctx.sum, steps=val_steps,
                                desc=f"epoch {epoch + 1} val (EMA)" if progress else None) \
                 if run.ema is not None else {}
             val_time = time.perf_counter() - val_started
@@ -765,9 +727,8 @@ class Trainer:
             }
             history.append(record)
             rng = ctx.gather(_rng_state(device))
-            if ctx.main:
-                self._save(model, run.ema, run.optimizer, run.scheduler, run.scaler, epoch + 1,
-                           global_step, history, rng, classes, num_classes, data_config)
+            self._save(model, run, epoch + 1, global_step, history, rng, classes, num_classes,
+                       data_config)
             self.log(
                 f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}"
                 + (f", train acc {record['train_acc1']:.2f}%" if run.mixup is None else "")
@@ -814,11 +775,17 @@ class Trainer:
             "producer": f"internimage {internimage.__version__} train",
         }
 
-    def _save(self, model: nn.Module, ema: Any, optimizer: Any, scheduler: Any, scaler: Any,
-              epoch: int, global_step: int, history: list[dict[str, Any]], rng: list[Any],
-              classes: list[str], num_classes: int, data_config: dict[str, Any]) -> None:
+    def _save(self, model: nn.Module, run: SimpleNamespace, epoch: int, global_step: int,
+              history: list[dict[str, Any]], rng: list[Any], classes: list[str],
+              num_classes: int, data_config: dict[str, Any]) -> None:
+        """Writes the outputs (rank 0); under FSDP every rank takes part (sharded state and
+        the consolidated weights are collectives)."""
         out = self.out
         assert out is not None
+        weights, ema_weights, resumable = training_state(out, epoch, model, run.optimizer,
+                                                         run.ema, sharded=run.fsdp)
+        if not self.ctx.main:
+            return
         atomic_write_text(out / "metrics.json", json.dumps(history, indent=2) + "\n")
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=_METRIC_FIELDS, lineterminator="\n")
@@ -829,19 +796,16 @@ class Trainer:
         atomic_write_text(out / "metrics.csv", buffer.getvalue())
         _plot(history, out / "curves.png")
         meta = self._metadata(classes, num_classes, data_config, epoch)
-        save_safetensors(out / "model.safetensors", model.state_dict(), meta)
-        if ema is not None:
-            save_safetensors(out / "model_ema.safetensors", ema.module.state_dict(),
-                             dict(meta, weights="ema"))
+        save_safetensors(out / "model.safetensors", weights, meta)
+        if ema_weights is not None:
+            save_safetensors(out / "model_ema.safetensors", ema_weights, dict(meta, weights="ema"))
         state = {
             "format": STATE_FORMAT,
             "epoch": epoch,
             "global_step": global_step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "scaler": scaler.state_dict(),
+            **resumable,
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
             "rng": rng,
             "world_size": self.ctx.world,
             "history": history,
@@ -849,9 +813,12 @@ class Trainer:
         }
         with atomic_path(out / "state.pt") as tmp:
             torch.save(state, tmp)
+        for old in out.glob("state-epoch*.dcp"):  # superseded sharded states
+            if old.name != resumable.get("sharded"):
+                shutil.rmtree(old, ignore_errors=True)
 
-    def _load_state(self, model: nn.Module, optimizer: Any, scheduler: Any, ema: Any,
-                    scaler: Any, device: torch.device) -> dict[str, Any]:
+    def _load_state(self, model: nn.Module, run: SimpleNamespace,
+                    device: torch.device) -> dict[str, Any]:
         assert self.resume is not None
         path = self.resume / "state.pt"
         if not path.is_file():
@@ -864,12 +831,9 @@ class Trainer:
                 from error
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"resume: '{path}' is not a {STATE_FORMAT} file")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        scaler.load_state_dict(state["scaler"])
+        load_training_state(self.resume, state, model, run.optimizer, run.ema)
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         if state["world_size"] == self.ctx.world and len(rng) == self.ctx.world:
             _set_rng_state(rng[self.ctx.rank], device)
@@ -877,6 +841,11 @@ class Trainer:
             self.note(f"the run was saved with {state['world_size']} process(es), resuming with "
                       f"{self.ctx.world}: random streams are re-seeded (not bit-exact)")
             _seed_all(self.cfg["train"]["seed"] + 7919 * state["epoch"] + self.ctx.rank)
+        saved = state["world_size"] * int(yaml.safe_load(state["config"])["data"]["batch_size"])
+        if saved != self.ctx.world * self.cfg["data"]["batch_size"]:
+            self.note(f"data.batch_size: the total batch changes from {saved} to "
+                      f"{self.ctx.world * self.cfg['data']['batch_size']} (the LR schedule goes "
+                      f"on as saved); {saved} / processes per process keeps the run's total")
         return state
 
 

@@ -96,6 +96,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "deterministic": False,      # torch.use_deterministic_algorithms(True)
         "device": "auto",
         "threads": None,             # CPU threads per process; None: torch's default
+        "parallel": "ddp",           # ddp (replicas) or fsdp (sharded: FSDP2 fully_shard)
+        "fsdp_reshard_after_forward": True,  # fsdp: True ZeRO-3, False ZeRO-2 (keeps the
+                                             # gathered blocks from forward to backward)
     },
 }
 
@@ -113,6 +116,7 @@ _FREE_FORM = {("model", "kwargs")}
 _CHOICES = {
     ("train", "amp"): ("none", "bf16", "fp16"),
     ("sched", "name"): ("cosine", "tanh", "poly"),
+    ("train", "parallel"): ("ddp", "fsdp"),
 }
 
 
@@ -331,6 +335,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if cfg["aug"]["label_smoothing"] >= 1:
         raise _type_error("aug.label_smoothing", "a number in [0, 1)",
                           cfg["aug"]["label_smoothing"])
+    if cfg["train"]["parallel"] == "fsdp" and cfg["train"]["amp"] == "fp16":
+        raise ConfigError("train.amp: fp16 (with its loss scaler) is not supported with "
+                          "train.parallel=fsdp; use bf16", "train.amp")
     if not isinstance(cfg["model"]["name"], str) or not cfg["model"]["name"]:
         raise _type_error("model.name", "a model name", cfg["model"]["name"])
 

@@ -4,6 +4,7 @@ one-line errors that name the option; the run is :class:`internimage.train.Train
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the recipe and build the model on the meta device, print the "
+                        "per-process bytes of parameters, gradients, optimizer state and EMA "
+                        "under ddp and fsdp (train.parallel first), and exit")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run: the number of processes (default: $WORLD_SIZE or 1)")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], str, Path | None]:
@@ -179,6 +186,20 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    if args.dry_run:
+        from internimage.distributed import memory_report
+
+        world = args.world_size if args.world_size is not None else \
+            int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 1:
+            raise CommandError(f"--world-size: expected an integer >= 1, got {world}")
+        try:
+            print(memory_report(cfg, world))
+        except (ValueError, TypeError, KeyError, AssertionError) as error:
+            raise CommandError(f"--dry-run: {one_line(error)}") from error
+        return 0
+    if args.world_size is not None:
+        raise CommandError("--world-size: only with --dry-run (torchrun sets the world size)")
     set_by = {key: option for option, dest, key in SHORTHANDS
               if getattr(args, dest) is not None}
     set_by.update({text.partition("=")[0].strip(): f"--set {text}" for text in args.overrides})
