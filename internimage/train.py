@@ -44,6 +44,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from internimage.checkpoint import load_weights, save_safetensors
 from internimage.data import ImageDecodeError
+from internimage.distributed import DistContext as _Dist
+from internimage.distributed import load_training_state, model_ema, shard_model, training_state
 from internimage.factory import (
     CUSTOM_MODELS,
     available_cores,
@@ -51,8 +53,6 @@ from internimage.factory import (
     load_state_dict_file,
     resolve_device,
 )
-from internimage.distributed import DistContext as _Dist
-from internimage.distributed import load_training_state, model_ema, shard_model, training_state
 from internimage.files import atomic_path, atomic_write_text
 from internimage.train_config import dump_config
 
