@@ -10,20 +10,16 @@ ops live in :mod:`internimage.ops` (``internimage.ops.dcnv3``, ``internimage.ops
 """
 
 from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
+from internimage.checkpoint_filter import checkpoint_filter_fn, imagenet22k_to_1k_indices
 from internimage.dcnv3 import DCNv3
 from internimage.dcnv4 import DCNv4
 from internimage.export import export_onnx
 from internimage.flash_internimage import FlashInternImage
 from internimage.inference import optimize_for_inference
-from internimage.internimage import (
-    InternImage,
-    MetadataHead,
-    checkpoint_filter_fn,
-    dcn_offset_param_names,
-    encode_inat_metadata,
-    imagenet22k_to_1k_indices,
-)
+from internimage.internimage import InternImage
 from internimage.layer_decay import param_groups_layer_decay
+from internimage.metadata import MetadataHead, encode_inat_metadata
+from internimage.network import dcn_offset_param_names
 
 __version__ = "0.1.0"
 __all__ = [

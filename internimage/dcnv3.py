@@ -54,6 +54,9 @@ CORE_OPS = ("DCNv3", "DCNv3_pytorch")
 _ACT_LAYERS: dict[str, type[nn.Module]] = {"GELU": nn.GELU, "ReLU": nn.ReLU, "SiLU": nn.SiLU}
 _NORM_LAYERS = ("LN", "BN")
 
+# eps of the LayerNorms of both families (the iNaturalist metadata encoders' excepted)
+LN_EPS = 1e-6
+
 
 def get_act_layer(act_layer: str | type[nn.Module]) -> type[nn.Module]:
     """Resolves the original's activation names ('GELU', 'ReLU', 'SiLU') or a module class."""
@@ -99,7 +102,7 @@ def norm_nchw(norm_layer: str, num_channels: int, device=None, dtype=None) -> nn
     tensors: :class:`LayerNormNCHW` (eps 1e-6) for 'LN', :class:`~torch.nn.BatchNorm2d` for
     'BN'. Both return NCHW."""
     if check_norm_layer(norm_layer) == "LN":
-        return LayerNormNCHW(num_channels, eps=1e-6, device=device, dtype=dtype)
+        return LayerNormNCHW(num_channels, eps=LN_EPS, device=device, dtype=dtype)
     return nn.BatchNorm2d(num_channels, device=device, dtype=dtype)
 
 
@@ -203,7 +206,7 @@ def dcnv3_core(
     )
 
 
-def _check_int(name: str, value: Any, minimum: int, layer: str = "DCNv3") -> int:
+def check_int(name: str, value: Any, minimum: int, layer: str = "DCNv3") -> int:
     """``value`` when it is an int (not a bool) >= ``minimum``; TypeError / ValueError naming
     ``layer`` and the argument otherwise. Shared by the DCNv3 and DCNv4 layers."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -279,16 +282,16 @@ class DCNv3(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        channels = _check_int("channels", channels, 1)
-        dw_dilation = _check_int("dw_dilation", dw_dilation, 1)
-        kernel_size = _check_int("kernel_size", kernel_size, 1)
-        group = _check_int("group", group, 1)
-        stride = _check_int("stride", stride, 1)
-        pad = _check_int("pad", pad, 0)
-        dilation = _check_int("dilation", dilation, 1)
+        channels = check_int("channels", channels, 1)
+        dw_dilation = check_int("dw_dilation", dw_dilation, 1)
+        kernel_size = check_int("kernel_size", kernel_size, 1)
+        group = check_int("group", group, 1)
+        stride = check_int("stride", stride, 1)
+        pad = check_int("pad", pad, 0)
+        dilation = check_int("dilation", dilation, 1)
         if dw_kernel_size is None:
             dw_kernel_size = kernel_size
-        dw_kernel_size = _check_int("dw_kernel_size", dw_kernel_size, 1)
+        dw_kernel_size = check_int("dw_kernel_size", dw_kernel_size, 1)
         if dw_kernel_size % 2 == 0:
             raise ValueError(f"DCNv3: dw_kernel_size must be odd, got {dw_kernel_size}")
         if channels % group != 0:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from internimage import ops as _ops
-from internimage.dcnv3 import _check_int, check_nhwc_input
+from internimage.dcnv3 import check_int, check_nhwc_input
 
 __all__ = ["DCNv4", "DCNV4_CORE_OPS", "dcnv4_core", "dcnv4_core_reference"]
 
@@ -168,15 +168,15 @@ class DCNv4(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        channels = _check_int("channels", channels, 1, "DCNv4")
-        dw_dilation = _check_int("dw_dilation", dw_dilation, 1, "DCNv4")
-        kernel_size = _check_int("kernel_size", kernel_size, 1, "DCNv4")
-        stride = _check_int("stride", stride, 1, "DCNv4")
-        pad = _check_int("pad", pad, 0, "DCNv4")
-        dilation = _check_int("dilation", dilation, 1, "DCNv4")
-        group = _check_int("group", group, 1, "DCNv4")
+        channels = check_int("channels", channels, 1, "DCNv4")
+        dw_dilation = check_int("dw_dilation", dw_dilation, 1, "DCNv4")
+        kernel_size = check_int("kernel_size", kernel_size, 1, "DCNv4")
+        stride = check_int("stride", stride, 1, "DCNv4")
+        pad = check_int("pad", pad, 0, "DCNv4")
+        dilation = check_int("dilation", dilation, 1, "DCNv4")
+        group = check_int("group", group, 1, "DCNv4")
         if dw_kernel_size is not None:
-            dw_kernel_size = _check_int("dw_kernel_size", dw_kernel_size, 1, "DCNv4")
+            dw_kernel_size = check_int("dw_kernel_size", dw_kernel_size, 1, "DCNv4")
             if dw_kernel_size % 2 == 0:
                 raise ValueError(f"DCNv4: dw_kernel_size must be odd, got {dw_kernel_size}")
         if channels % group != 0:
