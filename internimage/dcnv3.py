@@ -35,15 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internimage import ops as _ops
-from internimage.ops import dcnv3 as _dcnv3_op
+from internimage import ops
+from internimage.ops import dcnv3_core
+
+# The op layer's core, made a torch.fx leaf here (fx.wrap patches the name in the globals of the
+# module that calls it).
+torch.fx.wrap("dcnv3_core")
 
 __all__ = [
     "DCNv3",
     "CORE_OPS",
     "LayerNormNCHW",
-    "softmax_over_points",
-    "dcnv3_core",
     "get_act_layer",
     "convert_dcnv3_state_dict",
 ]
@@ -106,23 +108,6 @@ def norm_nchw(norm_layer: str, num_channels: int, device=None, dtype=None) -> nn
     return nn.BatchNorm2d(num_channels, device=device, dtype=dtype)
 
 
-@torch.fx.wrap  # a leaf for torch.fx: it branches on the dtype
-def softmax_over_points(logits: Tensor, group: int, points: int) -> Tensor:
-    """Softmax over the ``points`` logits of each group: ``(..., group * points)`` ordered
-    [group][point] -> the same shape, in at least float32 (the original's softmax dtype under
-    autocast).
-
-    Written out as ``exp(x - max) / sum`` rather than ``Tensor.softmax(-1)``: PyTorch's CPU
-    softmax over a last dimension of 9 is 3x slower, and the transposed ``(points, pixels)``
-    layout that suits its kernel makes torch.compile's generated code 2x slower.
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    by_point = logits.unflatten(-1, (group, points))
-    by_point = (by_point - by_point.amax(-1, keepdim=True)).exp()
-    return (by_point / by_point.sum(-1, keepdim=True)).flatten(-2)
-
-
 @torch.fx.wrap  # a leaf for torch.fx: its shape tests cannot run on a Proxy
 def check_nhwc_input(x: Tensor, channels: int, layer: str = "DCNv3") -> Tensor:
     """``x`` unchanged when it is ``(N, H, W, channels)``; ValueError naming ``layer``
@@ -137,73 +122,6 @@ def check_nhwc_input(x: Tensor, channels: int, layer: str = "DCNv3") -> Tensor:
             )
         )
     return x
-
-
-def _offset_and_mask(value: Tensor, offset: Tensor, mask_logits: Tensor, group: int,
-                     points: int) -> tuple[Tensor, Tensor]:
-    """``offset`` and the softmax of ``mask_logits`` over each group's points, both in
-    ``value``'s dtype (as the original under autocast): the inputs of ``internimage::dcnv3``."""
-    mask = softmax_over_points(mask_logits, group, points)
-    return offset.to(value.dtype), mask.to(value.dtype)
-
-
-@torch.jit.unused
-def _dcnv3_eager(
-    value: Tensor, offset: Tensor, mask_logits: Tensor, kernel_size: int, pad: int,
-    dilation: int, group: int, group_channels: int, offset_scale: float, remove_center: bool,
-) -> Tensor:
-    k, p, d = kernel_size, pad, dilation
-    geometry = ([k, k], [1, 1], [p, p], [d, d], group, group_channels, offset_scale,
-                remove_center)
-    has_kernel = _ops._has_kernel_for(value.device)
-    # The softmax inside the kernel: one pass over the logits instead of five. Not in a
-    # torch.jit.trace, so saved TorchScript files call only the public op.
-    if (
-        has_kernel and value.device.type == "cpu"
-        and value.dtype == offset.dtype == mask_logits.dtype == torch.float32
-        and not torch.jit.is_tracing()
-    ):
-        return torch.ops.internimage._dcnv3_mask_logits.default(
-            value, offset, mask_logits, *geometry
-        )
-    offset, mask = _offset_and_mask(value, offset, mask_logits, group,
-                                    k * k - int(remove_center))
-    if has_kernel:  # the op repeats the functional API's checks
-        return torch.ops.internimage.dcnv3.default(value, offset, mask, *geometry)
-    return _dcnv3_op(  # warns once, then runs the reference
-        value, offset, mask, kernel_size, 1, pad, dilation, group, group_channels,
-        offset_scale, remove_center,
-    )
-
-
-@torch.fx.wrap  # a leaf for torch.fx: the kernel choice is Python control flow
-def dcnv3_core(
-    value: Tensor, offset: Tensor, mask_logits: Tensor, kernel_size: int, pad: int,
-    dilation: int, group: int, group_channels: int, offset_scale: float, remove_center: bool,
-    reference: bool,
-) -> Tensor:
-    """The DCNv3 operator with a module's stride-1 geometry, NHWC in and out, applied to the
-    softmax of ``mask_logits`` over each group's points.
-
-    ``reference`` runs :func:`internimage.ops.dcnv3_reference`; otherwise the compiled op,
-    or, on a device it has no kernel for, the reference after a one-time warning (scripted
-    code calls the op, or the reference when the extension is not built). On the CPU in
-    float32 the compiled op applies the softmax itself (``_dcnv3_mask_logits``).
-    """
-    k, p, d = kernel_size, pad, dilation
-    if not reference and not torch.jit.is_scripting():
-        return _dcnv3_eager(value, offset, mask_logits, k, p, d, group, group_channels,
-                            offset_scale, remove_center)
-    offset, mask = _offset_and_mask(value, offset, mask_logits, group, k * k - int(remove_center))
-    if reference:
-        return _ops._dcnv3_reference_scripted(
-            value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
-            offset_scale, remove_center,
-        )
-    return _ops._dcnv3_scripted(
-        value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
-        offset_scale, remove_center,
-    )
 
 
 def check_int(name: str, value: Any, minimum: int, layer: str = "DCNv3") -> int:
@@ -227,7 +145,7 @@ class DCNv3(nn.Module):
        ``v``), computed on the NCHW view ``(N, C, H, W)`` (channels_last memory);
     3. ``offset = offset(x1)`` ``(N, H, W, G*P*2)`` ordered [group][point][x, y];
        ``mask = softmax over the P points of each group of mask(x1)`` ``(N, H, W, G*P)``
-       (:func:`softmax_over_points`, in at least float32);
+       (:func:`~internimage.ops.softmax_over_points`, in at least float32);
     4. ``y = dcnv3(v, offset, mask, ...)`` ``(N, H, W, C)`` (offset and mask in ``v``'s dtype,
        as the original under autocast); in float32 on the CPU one op applies the softmax and
        samples (``internimage::_dcnv3_mask_logits``, with the same autograd);
@@ -415,8 +333,8 @@ class DCNv3(nn.Module):
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script``: without the compiled extension core_op 'DCNv3'
         scripts to the reference, with the one-time warning of the eager fallback."""
-        if self.core_op == "DCNv3" and not _ops.extension_available():
-            _ops._warn_fallback(torch.device("cpu"))
+        if self.core_op == "DCNv3":
+            ops.kernel_for(ops.DCNV3, torch.device("cpu"))  # warns when it is the reference
         return self
 
 
