@@ -20,7 +20,8 @@ from torch import Tensor
 
 import internimage  # noqa: F401  (registers the timm models)
 from internimage.bench import Case, cpu_name, time_interleaved
-from internimage.dcnv3 import DCNv3, check_nhwc_input, softmax_over_points
+from internimage.dcnv3 import DCNv3, check_nhwc_input
+from internimage.ops import softmax_over_points
 
 
 class SeparateSoftmaxDCNv3(DCNv3):

@@ -28,11 +28,11 @@ _EXPORTS = {
     "DCNv4": "internimage.dcnv4",
     "InternImage": "internimage.internimage",
     "FlashInternImage": "internimage.flash_internimage",
-    "MetadataHead": "internimage.internimage",
-    "encode_inat_metadata": "internimage.internimage",
-    "checkpoint_filter_fn": "internimage.internimage",
-    "dcn_offset_param_names": "internimage.internimage",
-    "imagenet22k_to_1k_indices": "internimage.internimage",
+    "MetadataHead": "internimage.metadata",
+    "encode_inat_metadata": "internimage.metadata",
+    "checkpoint_filter_fn": "internimage.checkpoint_filter",
+    "dcn_offset_param_names": "internimage.network",
+    "imagenet22k_to_1k_indices": "internimage.checkpoint_filter",
     "convert_checkpoint": "internimage.checkpoint",
     "load_original_checkpoint": "internimage.checkpoint",
     "export_onnx": "internimage.export",
@@ -64,15 +64,11 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
     from internimage.export import export_onnx
     from internimage.flash_internimage import FlashInternImage
     from internimage.inference import optimize_for_inference
-    from internimage.internimage import (
-        InternImage,
-        MetadataHead,
-        checkpoint_filter_fn,
-        dcn_offset_param_names,
-        encode_inat_metadata,
-        imagenet22k_to_1k_indices,
-    )
+    from internimage.checkpoint_filter import checkpoint_filter_fn, imagenet22k_to_1k_indices
+    from internimage.internimage import InternImage
     from internimage.layer_decay import param_groups_layer_decay
+    from internimage.metadata import MetadataHead, encode_inat_metadata
+    from internimage.network import dcn_offset_param_names
 
 
 def __getattr__(name: str) -> Any:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from internimage.checkpoint_filter import WRAPPER_KEYS, checkpoint_filter_fn, unwrap_state_dict
 from internimage.files import atomic_path
-from internimage.internimage import _WRAPPER_KEYS, _unwrap, checkpoint_filter_fn
 
 __all__ = [
     "UnsafeCheckpointError",
@@ -272,13 +272,13 @@ def load_original_checkpoint(
     if isinstance(ema, Mapping):
         checkpoint = ema
     else:
-        unwrapped = _unwrap(checkpoint)  # the filter's own wrapper handling
+        unwrapped = unwrap_state_dict(checkpoint)  # the filter's own wrapper handling
         if use_ema and unwrapped is checkpoint:
             raise ValueError(f"use_ema=True but '{path}' has no 'model_ema' entry")
         checkpoint = unwrapped
     tensors = {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
     if not tensors:
-        keys = (["model_ema"] if use_ema else []) + list(_WRAPPER_KEYS)
+        keys = (["model_ema"] if use_ema else []) + list(WRAPPER_KEYS)
         raise ValueError(f"'{path}' holds no tensors under {keys} or at the top level")
     return tensors
 
@@ -361,7 +361,7 @@ def load_weights(
             ``source``), a checkpoint of the other family, or a classifier of another size
             without ``allow_head_reset``.
     """
-    from internimage.internimage import InternImageBase
+    from internimage.network import InternImageBase
 
     notes: list[str] = []
     if isinstance(model, InternImageBase):

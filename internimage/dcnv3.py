@@ -35,15 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internimage import ops as _ops
-from internimage.ops import dcnv3 as _dcnv3_op
+from internimage import ops
+from internimage.ops import dcnv3_core
+
+# The op layer's core, made a torch.fx leaf here (fx.wrap patches the name in the globals of the
+# module that calls it).
+torch.fx.wrap("dcnv3_core")
 
 __all__ = [
     "DCNv3",
     "CORE_OPS",
     "LayerNormNCHW",
-    "softmax_over_points",
-    "dcnv3_core",
     "get_act_layer",
     "convert_dcnv3_state_dict",
 ]
@@ -53,6 +55,9 @@ CORE_OPS = ("DCNv3", "DCNv3_pytorch")
 
 _ACT_LAYERS: dict[str, type[nn.Module]] = {"GELU": nn.GELU, "ReLU": nn.ReLU, "SiLU": nn.SiLU}
 _NORM_LAYERS = ("LN", "BN")
+
+# eps of the LayerNorms of both families (the iNaturalist metadata encoders' excepted)
+LN_EPS = 1e-6
 
 
 def get_act_layer(act_layer: str | type[nn.Module]) -> type[nn.Module]:
@@ -99,25 +104,8 @@ def norm_nchw(norm_layer: str, num_channels: int, device=None, dtype=None) -> nn
     tensors: :class:`LayerNormNCHW` (eps 1e-6) for 'LN', :class:`~torch.nn.BatchNorm2d` for
     'BN'. Both return NCHW."""
     if check_norm_layer(norm_layer) == "LN":
-        return LayerNormNCHW(num_channels, eps=1e-6, device=device, dtype=dtype)
+        return LayerNormNCHW(num_channels, eps=LN_EPS, device=device, dtype=dtype)
     return nn.BatchNorm2d(num_channels, device=device, dtype=dtype)
-
-
-@torch.fx.wrap  # a leaf for torch.fx: it branches on the dtype
-def softmax_over_points(logits: Tensor, group: int, points: int) -> Tensor:
-    """Softmax over the ``points`` logits of each group: ``(..., group * points)`` ordered
-    [group][point] -> the same shape, in at least float32 (the original's softmax dtype under
-    autocast).
-
-    Written out as ``exp(x - max) / sum`` rather than ``Tensor.softmax(-1)``: PyTorch's CPU
-    softmax over a last dimension of 9 is 3x slower, and the transposed ``(points, pixels)``
-    layout that suits its kernel makes torch.compile's generated code 2x slower.
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    by_point = logits.unflatten(-1, (group, points))
-    by_point = (by_point - by_point.amax(-1, keepdim=True)).exp()
-    return (by_point / by_point.sum(-1, keepdim=True)).flatten(-2)
 
 
 @torch.fx.wrap  # a leaf for torch.fx: its shape tests cannot run on a Proxy
@@ -136,74 +124,7 @@ def check_nhwc_input(x: Tensor, channels: int, layer: str = "DCNv3") -> Tensor:
     return x
 
 
-def _offset_and_mask(value: Tensor, offset: Tensor, mask_logits: Tensor, group: int,
-                     points: int) -> tuple[Tensor, Tensor]:
-    """``offset`` and the softmax of ``mask_logits`` over each group's points, both in
-    ``value``'s dtype (as the original under autocast): the inputs of ``internimage::dcnv3``."""
-    mask = softmax_over_points(mask_logits, group, points)
-    return offset.to(value.dtype), mask.to(value.dtype)
-
-
-@torch.jit.unused
-def _dcnv3_eager(
-    value: Tensor, offset: Tensor, mask_logits: Tensor, kernel_size: int, pad: int,
-    dilation: int, group: int, group_channels: int, offset_scale: float, remove_center: bool,
-) -> Tensor:
-    k, p, d = kernel_size, pad, dilation
-    geometry = ([k, k], [1, 1], [p, p], [d, d], group, group_channels, offset_scale,
-                remove_center)
-    has_kernel = _ops._has_kernel_for(value.device)
-    # The softmax inside the kernel: one pass over the logits instead of five. Not in a
-    # torch.jit.trace, so saved TorchScript files call only the public op.
-    if (
-        has_kernel and value.device.type == "cpu"
-        and value.dtype == offset.dtype == mask_logits.dtype == torch.float32
-        and not torch.jit.is_tracing()
-    ):
-        return torch.ops.internimage._dcnv3_mask_logits.default(
-            value, offset, mask_logits, *geometry
-        )
-    offset, mask = _offset_and_mask(value, offset, mask_logits, group,
-                                    k * k - int(remove_center))
-    if has_kernel:  # the op repeats the functional API's checks
-        return torch.ops.internimage.dcnv3.default(value, offset, mask, *geometry)
-    return _dcnv3_op(  # warns once, then runs the reference
-        value, offset, mask, kernel_size, 1, pad, dilation, group, group_channels,
-        offset_scale, remove_center,
-    )
-
-
-@torch.fx.wrap  # a leaf for torch.fx: the kernel choice is Python control flow
-def dcnv3_core(
-    value: Tensor, offset: Tensor, mask_logits: Tensor, kernel_size: int, pad: int,
-    dilation: int, group: int, group_channels: int, offset_scale: float, remove_center: bool,
-    reference: bool,
-) -> Tensor:
-    """The DCNv3 operator with a module's stride-1 geometry, NHWC in and out, applied to the
-    softmax of ``mask_logits`` over each group's points.
-
-    ``reference`` runs :func:`internimage.ops.dcnv3_reference`; otherwise the compiled op,
-    or, on a device it has no kernel for, the reference after a one-time warning (scripted
-    code calls the op, or the reference when the extension is not built). On the CPU in
-    float32 the compiled op applies the softmax itself (``_dcnv3_mask_logits``).
-    """
-    k, p, d = kernel_size, pad, dilation
-    if not reference and not torch.jit.is_scripting():
-        return _dcnv3_eager(value, offset, mask_logits, k, p, d, group, group_channels,
-                            offset_scale, remove_center)
-    offset, mask = _offset_and_mask(value, offset, mask_logits, group, k * k - int(remove_center))
-    if reference:
-        return _ops._dcnv3_reference_scripted(
-            value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
-            offset_scale, remove_center,
-        )
-    return _ops._dcnv3_scripted(
-        value, offset, mask, [k, k], [1, 1], [p, p], [d, d], group, group_channels,
-        offset_scale, remove_center,
-    )
-
-
-def _check_int(name: str, value: Any, minimum: int, layer: str = "DCNv3") -> int:
+def check_int(name: str, value: Any, minimum: int, layer: str = "DCNv3") -> int:
     """``value`` when it is an int (not a bool) >= ``minimum``; TypeError / ValueError naming
     ``layer`` and the argument otherwise. Shared by the DCNv3 and DCNv4 layers."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -224,7 +145,7 @@ class DCNv3(nn.Module):
        ``v``), computed on the NCHW view ``(N, C, H, W)`` (channels_last memory);
     3. ``offset = offset(x1)`` ``(N, H, W, G*P*2)`` ordered [group][point][x, y];
        ``mask = softmax over the P points of each group of mask(x1)`` ``(N, H, W, G*P)``
-       (:func:`softmax_over_points`, in at least float32);
+       (:func:`~internimage.ops.softmax_over_points`, in at least float32);
     4. ``y = dcnv3(v, offset, mask, ...)`` ``(N, H, W, C)`` (offset and mask in ``v``'s dtype,
        as the original under autocast); in float32 on the CPU one op applies the softmax and
        samples (``internimage::_dcnv3_mask_logits``, with the same autograd);
@@ -279,16 +200,16 @@ class DCNv3(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        channels = _check_int("channels", channels, 1)
-        dw_dilation = _check_int("dw_dilation", dw_dilation, 1)
-        kernel_size = _check_int("kernel_size", kernel_size, 1)
-        group = _check_int("group", group, 1)
-        stride = _check_int("stride", stride, 1)
-        pad = _check_int("pad", pad, 0)
-        dilation = _check_int("dilation", dilation, 1)
+        channels = check_int("channels", channels, 1)
+        dw_dilation = check_int("dw_dilation", dw_dilation, 1)
+        kernel_size = check_int("kernel_size", kernel_size, 1)
+        group = check_int("group", group, 1)
+        stride = check_int("stride", stride, 1)
+        pad = check_int("pad", pad, 0)
+        dilation = check_int("dilation", dilation, 1)
         if dw_kernel_size is None:
             dw_kernel_size = kernel_size
-        dw_kernel_size = _check_int("dw_kernel_size", dw_kernel_size, 1)
+        dw_kernel_size = check_int("dw_kernel_size", dw_kernel_size, 1)
         if dw_kernel_size % 2 == 0:
             raise ValueError(f"DCNv3: dw_kernel_size must be odd, got {dw_kernel_size}")
         if channels % group != 0:
@@ -412,8 +333,8 @@ class DCNv3(nn.Module):
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script``: without the compiled extension core_op 'DCNv3'
         scripts to the reference, with the one-time warning of the eager fallback."""
-        if self.core_op == "DCNv3" and not _ops.extension_available():
-            _ops._warn_fallback(torch.device("cpu"))
+        if self.core_op == "DCNv3":
+            ops.kernel_for(ops.DCNV3, torch.device("cpu"))  # warns when it is the reference
         return self
 
 

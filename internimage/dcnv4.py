@@ -18,91 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from internimage import ops as _ops
-from internimage.dcnv3 import _check_int, check_nhwc_input
+from internimage import ops
+from internimage.dcnv3 import check_int, check_nhwc_input
+from internimage.ops import dcnv4_core, dcnv4_core_reference
 
-__all__ = ["DCNv4", "DCNV4_CORE_OPS", "dcnv4_core", "dcnv4_core_reference"]
+__all__ = ["DCNv4", "DCNV4_CORE_OPS"]
 
 #: Accepted ``core_op`` names: the compiled kernels and the pure-PyTorch reference.
 DCNV4_CORE_OPS = ("DCNv4", "DCNv4_pytorch")
 
 
-@torch.fx.wrap  # a leaf for torch.fx: the kernel choice is Python control flow
-def dcnv4_core(
-    value: Tensor,
-    offset_mask: Tensor,
-    kernel_size: int,
-    stride: int,
-    pad: int,
-    dilation: int,
-    group: int,
-    group_channels: int,
-    offset_scale: float,
-    remove_center: bool,
-) -> Tensor:
-    """The compiled DCNv4 operator (:func:`internimage.ops.dcnv4`) with square geometry.
-
-    A leaf for ``torch.fx`` symbolic tracing (``torch.fx.wrap``): traced graphs hold one call
-    of this function per module. TorchScript compiles it to a plain call of
-    ``torch.ops.internimage.dcnv4`` (the reference when the extension is not built)."""
-    k, s, p, d = [kernel_size, kernel_size], [stride, stride], [pad, pad], [dilation, dilation]
-    if torch.jit.is_scripting():
-        return _ops._dcnv4_scripted(
-            value, offset_mask, k, s, p, d, group, group_channels, offset_scale, remove_center
-        )
-    return _dcnv4_eager(
-        value, offset_mask, k, s, p, d, group, group_channels, offset_scale, remove_center
-    )
-
-
-@torch.fx.wrap
-def dcnv4_core_reference(
-    value: Tensor,
-    offset_mask: Tensor,
-    kernel_size: int,
-    stride: int,
-    pad: int,
-    dilation: int,
-    group: int,
-    group_channels: int,
-    offset_scale: float,
-    remove_center: bool,
-) -> Tensor:
-    """:func:`dcnv4_core` on the pure-PyTorch reference (:func:`internimage.ops.dcnv4_reference`),
-    for ``core_op='DCNv4_pytorch'``; also an fx leaf."""
-    k, s, p, d = [kernel_size, kernel_size], [stride, stride], [pad, pad], [dilation, dilation]
-    return _ops._dcnv4_reference_scripted(
-        value, offset_mask, k, s, p, d, group, group_channels, offset_scale, remove_center
-    )
-
-
-# DCNv3's input check, made a torch.fx leaf here too (fx.wrap patches the name in the globals
-# of the module that calls it).
+# The op layer's cores and DCNv3's input check, made torch.fx leaves here (fx.wrap patches
+# the name in the globals of the module that calls it).
+torch.fx.wrap("dcnv4_core")
+torch.fx.wrap("dcnv4_core_reference")
 torch.fx.wrap("check_nhwc_input")
-
-
-@torch.jit.unused
-def _dcnv4_eager(
-    value: Tensor,
-    offset_mask: Tensor,
-    k: list[int],
-    s: list[int],
-    p: list[int],
-    d: list[int],
-    group: int,
-    group_channels: int,
-    offset_scale: float,
-    remove_center: bool,
-) -> Tensor:
-    if value.device.type in _ops._KERNEL_DEVICE_TYPES:
-        # The module's geometry is valid by construction and the op checks the tensors:
-        # skip the functional wrapper's Python checks.
-        return torch.ops.internimage.dcnv4.default(
-            value, offset_mask, k, s, p, d, group, group_channels, offset_scale, remove_center
-        )
-    return _ops.dcnv4(
-        value, offset_mask, k, s, p, d, group, group_channels, offset_scale, remove_center
-    )
 
 
 class DCNv4(nn.Module):
@@ -168,15 +98,15 @@ class DCNv4(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        channels = _check_int("channels", channels, 1, "DCNv4")
-        dw_dilation = _check_int("dw_dilation", dw_dilation, 1, "DCNv4")
-        kernel_size = _check_int("kernel_size", kernel_size, 1, "DCNv4")
-        stride = _check_int("stride", stride, 1, "DCNv4")
-        pad = _check_int("pad", pad, 0, "DCNv4")
-        dilation = _check_int("dilation", dilation, 1, "DCNv4")
-        group = _check_int("group", group, 1, "DCNv4")
+        channels = check_int("channels", channels, 1, "DCNv4")
+        dw_dilation = check_int("dw_dilation", dw_dilation, 1, "DCNv4")
+        kernel_size = check_int("kernel_size", kernel_size, 1, "DCNv4")
+        stride = check_int("stride", stride, 1, "DCNv4")
+        pad = check_int("pad", pad, 0, "DCNv4")
+        dilation = check_int("dilation", dilation, 1, "DCNv4")
+        group = check_int("group", group, 1, "DCNv4")
         if dw_kernel_size is not None:
-            dw_kernel_size = _check_int("dw_kernel_size", dw_kernel_size, 1, "DCNv4")
+            dw_kernel_size = check_int("dw_kernel_size", dw_kernel_size, 1, "DCNv4")
             if dw_kernel_size % 2 == 0:
                 raise ValueError(f"DCNv4: dw_kernel_size must be odd, got {dw_kernel_size}")
         if channels % group != 0:
@@ -302,6 +232,6 @@ class DCNv4(nn.Module):
     def __prepare_scriptable__(self) -> nn.Module:
         """Called by ``torch.jit.script``: without the compiled extension core_op 'DCNv4'
         scripts to the reference, with the one-time warning of the eager fallback."""
-        if self.core_op == "DCNv4" and not _ops.extension_available():
-            _ops._warn_fallback(torch.device("cpu"))
+        if self.core_op == "DCNv4":
+            ops.kernel_for(ops.DCNV4, torch.device("cpu"))  # warns when it is the reference
         return self

@@ -42,10 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from internimage import ops as _ops
-from internimage.dcnv3 import DCNv3, softmax_over_points
+from internimage import ops
+from internimage.dcnv3 import DCNv3
 from internimage.dcnv4 import DCNv4
-from internimage.ops import dcnv3_reference, dcnv4_reference
 
 __all__ = [
     "ONNX_DOMAIN",
@@ -149,72 +148,6 @@ def _export_mode(model: nn.Module, compiled_core: bool) -> Iterator[None]:
             module.training = flag
         for module, core_op in core_ops:
             module.core_op = core_op
-
-
-def _dcnv3_decomposition(
-    input: Tensor,
-    offset: Tensor,
-    mask: Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    group: int,
-    group_channels: int,
-    offset_scale: float,
-    remove_center: bool,
-) -> Tensor:
-    """``internimage::dcnv3`` as standard aten ops (grid_sample based): the reference.
-
-    Made contiguous like the op's output: the traced graph may ``view`` the op's result,
-    and the reference returns a permuted (channels-first strided) tensor."""
-    return dcnv3_reference(
-        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
-        offset_scale, remove_center,
-    ).contiguous()
-
-
-def _mask_logits_decomposition(
-    input: Tensor,
-    offset: Tensor,
-    mask_logits: Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    group: int,
-    group_channels: int,
-    offset_scale: float,
-    remove_center: bool,
-) -> Tensor:
-    """``internimage::_dcnv3_mask_logits`` (what a float32 CPU DCNv3 module calls) as the mask
-    softmax and ``internimage::dcnv3``: exported graphs hold only the public op."""
-    points = kernel_size[0] * kernel_size[1] - int(remove_center)
-    mask = softmax_over_points(mask_logits, group, points)
-    return torch.ops.internimage.dcnv3.default(
-        input, offset, mask, kernel_size, stride, padding, dilation, group, group_channels,
-        offset_scale, remove_center,
-    )
-
-
-def _dcnv4_decomposition(
-    input: Tensor,
-    offset_mask: Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    group: int,
-    group_channels: int,
-    offset_scale: float,
-    remove_center: bool = False,
-) -> Tensor:
-    """``internimage::dcnv4`` as standard aten ops: the reference (see
-    :func:`_dcnv3_decomposition`)."""
-    return dcnv4_reference(
-        input, offset_mask, kernel_size, stride, padding, dilation, group, group_channels,
-        offset_scale, remove_center,
-    ).contiguous()
 
 
 _INPUT_DOCS = {
@@ -428,10 +361,10 @@ def export_onnx(
         )
     if external_data is not None:
         external_data = _check_bool("external_data", external_data)
-    if custom_op and not _ops.extension_available():
+    if custom_op and not ops.extension_available():
         raise RuntimeError(
             "export_onnx: custom_op=True needs the compiled op torch.ops.internimage.dcnv3, but "
-            f"the extension is not available ({_ops.extension_error()}); use custom_op=False "
+            f"the extension is not available ({ops.extension_error()}); use custom_op=False "
             "for the standard-operator decomposition"
         )
     _require("onnx", "export_onnx")
@@ -445,23 +378,18 @@ def export_onnx(
         x = _example_input(model, batch, sizes)
         program = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes, strict=False)
         translations: dict[Callable, Callable] = {}
-        if _ops.extension_available():
-            mask_logits_op = torch.ops.internimage._dcnv3_mask_logits.default
-            if any(node.target is mask_logits_op for node in program.graph.nodes):
-                program = program.run_decompositions(
-                    {mask_logits_op: _mask_logits_decomposition}
-                )
-            dcnv3_op = torch.ops.internimage.dcnv3.default
-            dcnv4_op = torch.ops.internimage.dcnv4.default
+        if ops.extension_available():
+            fused = ops.mask_logits_decompositions()
+            if any(node.target in fused for node in program.graph.nodes):
+                program = program.run_decompositions(fused)
+            dcnv3_op, dcnv4_op = ops.DCNV3.compiled, ops.DCNV4.compiled
             if custom_op:
                 _check_custom_op_calls(model, program, {"DCNv3": dcnv3_op, "DCNv4": dcnv4_op},
                                        x.device)
                 translations[dcnv3_op] = _dcnv3_onnx_translation
                 translations[dcnv4_op] = _dcnv4_onnx_translation
             else:
-                program = program.run_decompositions(
-                    {dcnv3_op: _dcnv3_decomposition, dcnv4_op: _dcnv4_decomposition}
-                )
+                program = program.run_decompositions(ops.reference_decompositions())
         num_outputs = len(program.graph_signature.user_outputs)
         output_names = ["output"] if num_outputs == 1 else [f"output{i}" for i in
                                                             range(num_outputs)]

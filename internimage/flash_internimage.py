@@ -5,8 +5,8 @@ Applications", https://arxiv.org/abs/2401.06197. Original code and weights:
 https://github.com/OpenGVLab/DCNv4 (MIT).
 
 FlashInternImage is InternImage with the DCNv4 operator, so this file only holds what
-differs; the layers, the network and the timm API are :mod:`internimage.internimage`'s
-(:class:`~internimage.internimage.InternImageBase`):
+differs; the layers, the network and the timm API are :mod:`internimage.network`'s
+(:class:`~internimage.network.InternImageBase`):
 
 * every block's token mixer is :class:`~internimage.DCNv4`: values ``value_proj(x)``, one
   packed offset/mask projection of the block input (through a depthwise conv only with
@@ -23,15 +23,16 @@ norm}``, ``head``), the DCN modules' keys the original DCNv4 module's;
 ``levels``, ``conv_head``, ...) for both families.
 """
 
-# No ``from __future__ import annotations``: see internimage.py (torch.fx and TorchScript).
+# No ``from __future__ import annotations``: see network.py (torch.fx and TorchScript).
 from collections.abc import Sequence
 from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
+from internimage.builder import build_model, hub_cfg
 from internimage.dcnv4 import DCNV4_CORE_OPS, DCNv4
-from internimage.internimage import InternImageBase, _create_model, _hub
+from internimage.network import InternImageBase
 
 __all__ = ["FlashInternImage"]
 
@@ -152,10 +153,10 @@ _DCNV4_PAPER = dict(
 )
 
 default_cfgs = generate_default_cfgs({
-    "flash_internimage_t.in1k": _hub("flash_intern_image_t_1k_224.pth", 224, **_DCNV4_PAPER),
-    "flash_internimage_s.in1k": _hub("flash_intern_image_s_1k_224.pth", 224, **_DCNV4_PAPER),
-    "flash_internimage_b.in1k": _hub("flash_intern_image_b_1k_224.pth", 224, **_DCNV4_PAPER),
-    "flash_internimage_l.in22k_ft_in1k_384": _hub(
+    "flash_internimage_t.in1k": hub_cfg("flash_intern_image_t_1k_224.pth", 224, **_DCNV4_PAPER),
+    "flash_internimage_s.in1k": hub_cfg("flash_intern_image_s_1k_224.pth", 224, **_DCNV4_PAPER),
+    "flash_internimage_b.in1k": hub_cfg("flash_intern_image_b_1k_224.pth", 224, **_DCNV4_PAPER),
+    "flash_internimage_l.in22k_ft_in1k_384": hub_cfg(
         "flash_internimage_l_22kto1k_384.pth", 384, **_DCNV4_PAPER),
 })
 
@@ -176,7 +177,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
 
 def _variant(name: str, pretrained: bool, kwargs: dict[str, Any]) -> FlashInternImage:
     model_args = dict(_VARIANTS[name], drop_path_rate=0.0)
-    return _create_model(FlashInternImage, f"flash_internimage_{name}", pretrained=pretrained,
+    return build_model(FlashInternImage, f"flash_internimage_{name}", pretrained=pretrained,
                          **dict(model_args, **kwargs))
 
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import load_golden
 
 from internimage import DCNv3
-from internimage.dcnv3 import convert_dcnv3_state_dict, softmax_over_points
+from internimage.dcnv3 import convert_dcnv3_state_dict
+from internimage.ops import softmax_over_points
 
 CORE_OPS = ("DCNv3", "DCNv3_pytorch")
 

@@ -12,7 +12,8 @@ from conftest import GOLDEN_FLASH_DIR, golden_files
 from torch import nn
 
 from internimage import DCNv4
-from internimage.dcnv4 import check_nhwc_input, dcnv4_core
+from internimage.dcnv4 import check_nhwc_input
+from internimage.ops import dcnv4_core
 
 GOLDEN_MODULES = golden_files("module_*.pt", GOLDEN_FLASH_DIR)
 CORE_OPS = ("DCNv4", "DCNv4_pytorch")
