@@ -59,12 +59,12 @@ __all__ = [
 
 if TYPE_CHECKING:  # what static analysers and IDEs see
     from internimage.checkpoint import convert_checkpoint, load_original_checkpoint
+    from internimage.checkpoint_filter import checkpoint_filter_fn, imagenet22k_to_1k_indices
     from internimage.dcnv3 import DCNv3
     from internimage.dcnv4 import DCNv4
     from internimage.export import export_onnx
     from internimage.flash_internimage import FlashInternImage
     from internimage.inference import optimize_for_inference
-    from internimage.checkpoint_filter import checkpoint_filter_fn, imagenet22k_to_1k_indices
     from internimage.internimage import InternImage
     from internimage.layer_decay import param_groups_layer_decay
     from internimage.metadata import MetadataHead, encode_inat_metadata
