@@ -29,8 +29,7 @@ from op_cases import (
     make_inputs,
 )
 
-import internimage.dcnv3 as dcnv3_module
-import internimage.dcnv4 as dcnv4_module
+import internimage.ops as ops_module
 from internimage import DCNv3, DCNv4, FlashInternImage, InternImage
 from internimage.dcnv3 import convert_dcnv3_state_dict
 from internimage.ops import cuda_emulation_available, extension_error
@@ -117,8 +116,8 @@ def test_golden_dcnv4_ops(path, arch):
     assert (results[2][..., h["offset_mask_used_channels"]:] == 0).all()  # padding
 
 
-# The modules and models reach the ops through these two functions (the eager path of
-# dcnv3_core / dcnv4_core); the tests below point them at the emulated ops.
+# The modules and models reach the ops through these two functions of the op layer (the
+# eager path of dcnv3_core / dcnv4_core); the tests below point them at the emulated ops.
 
 
 class _EmulatedDcnv3(torch.autograd.Function):
@@ -153,13 +152,11 @@ class _EmulatedDcnv4(torch.autograd.Function):
         return (*grads, None)
 
 
-def _emulated_dcnv3_eager(value, offset, mask_logits, kernel_size, pad, dilation, group,
-                          group_channels, offset_scale, remove_center):
-    k, p, d = kernel_size, pad, dilation
-    offset, mask = dcnv3_module._offset_and_mask(value, offset, mask_logits, group,
-                                                 k * k - int(remove_center))
-    params = ([k, k], [1, 1], [p, p], [d, d], group, group_channels, offset_scale,
-              remove_center)
+def _emulated_dcnv3_eager(value, offset, mask_logits, k, p, d, group, group_channels,
+                          offset_scale, remove_center):
+    points = k[0] * k[1] - int(remove_center)
+    offset, mask = ops_module._offset_and_mask(value, offset, mask_logits, group, points)
+    params = (k, [1, 1], p, d, group, group_channels, offset_scale, remove_center)
     return _EmulatedDcnv3.apply(value, offset, mask, params)
 
 
@@ -167,11 +164,15 @@ def _emulated_dcnv4_eager(value, offset_mask, *params):
     return _EmulatedDcnv4.apply(value, offset_mask, params)
 
 
+def _route_cores_to_emulation(monkeypatch) -> None:
+    monkeypatch.setattr(ops_module, "_dcnv3_module_eager", _emulated_dcnv3_eager)
+    monkeypatch.setattr(ops_module, "_dcnv4_module_eager", _emulated_dcnv4_eager)
+
+
 @pytest.fixture
 def emulated_cores(monkeypatch):
     """Routes the DCNv3 and DCNv4 modules' core op calls to the emulated CUDA ops."""
-    monkeypatch.setattr(dcnv3_module, "_dcnv3_eager", _emulated_dcnv3_eager)
-    monkeypatch.setattr(dcnv4_module, "_dcnv4_eager", _emulated_dcnv4_eager)
+    _route_cores_to_emulation(monkeypatch)
     before = _EmulatedDcnv3.calls + _EmulatedDcnv4.calls
     yield
     assert _EmulatedDcnv3.calls + _EmulatedDcnv4.calls > before, "no core ran emulated"
@@ -225,8 +226,7 @@ def test_small_model_matches_cpu_kernels(model_class, golden_name, core_op, monk
             name: p.grad.clone() for name, p in model.named_parameters()}
 
     expected = run()
-    monkeypatch.setattr(dcnv3_module, "_dcnv3_eager", _emulated_dcnv3_eager)
-    monkeypatch.setattr(dcnv4_module, "_dcnv4_eager", _emulated_dcnv4_eager)
+    _route_cores_to_emulation(monkeypatch)
     calls = _EmulatedDcnv3.calls + _EmulatedDcnv4.calls
     actual = run()
     assert _EmulatedDcnv3.calls + _EmulatedDcnv4.calls - calls == sum(golden["config"]["depths"])
