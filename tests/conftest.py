@@ -99,3 +99,21 @@ def run_golden_model(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 def nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
+
+
+def interrupt_training_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> object:
+    """Makes ``internimage.train.train_one_epoch`` raise KeyboardInterrupt (Ctrl-C) when it is
+    called for the ``epoch``-th time (1-based) in this process; returns the real function."""
+    import internimage.train as train_module
+
+    real = train_module.train_one_epoch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted)
+    return real

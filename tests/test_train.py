@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_training_in_epoch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -493,18 +494,7 @@ def test_lr_scaling_is_told(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 def test_ctrl_c_prints_the_resume_command(tmp_path: Path, capsys: pytest.CaptureFixture,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import internimage.train as train_module
-
-    real = train_module.train_one_epoch
-    calls = []
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_in_epoch_2)
+    interrupt_training_in_epoch(monkeypatch, 2)
     out = tmp_path / "run"
     code, _, err = run(TINY + ["--output", str(out)], capsys)
     assert code == 130
@@ -512,8 +502,7 @@ def test_ctrl_c_prints_the_resume_command(tmp_path: Path, capsys: pytest.Capture
     assert err.strip().splitlines()[-1] == "internimage train: interrupted"
     assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
 
-    calls.clear()
-    calls.append(1)  # the next call is "epoch 2": interrupted before any epoch finished
+    interrupt_training_in_epoch(monkeypatch, 1)  # interrupted before any epoch finished
     code, _, err = run(TINY + ["--output", str(tmp_path / "early")], capsys)
     assert code == 130 and "--resume" not in err and "no epoch finished" in err, err
     assert not (tmp_path / "early").exists()

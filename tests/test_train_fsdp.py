@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupt_training_in_epoch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -246,18 +247,7 @@ def test_ctrl_c_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Interrupted in epoch 2, an fsdp run (ZeRO-2 here) keeps epoch 1's sharded state and
     resumes."""
-    import internimage.train as train_module
-
-    real = train_module.train_one_epoch
-    calls = []
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_in_epoch_2)
+    real = interrupt_training_in_epoch(monkeypatch, 2)
     out = tmp_path / "run"
     args = ["train", "--quiet", "--epochs", "2", "--batch-size", "32",
             "--set", "data.train_limit=32", "--set", "data.val_limit=8",
@@ -268,7 +258,7 @@ def test_ctrl_c_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture,
     err = capsys.readouterr().err
     assert f"internimage train --resume {out}" in err and "epoch 1" in err, err
     assert (out / "state-epoch0001.dcp" / ".metadata").is_file()
-    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    monkeypatch.setattr("internimage.train.train_one_epoch", real)
     assert main(["train", "--quiet", "--resume", str(out)]) == 0
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 2
