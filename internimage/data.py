@@ -21,8 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = ["DigitsDataset", "digits_split", "ImageFolderData", "scan_image_folder",
-           "scan_class_folders", "check_images", "eval_transform", "ImageDecodeError",
-           "IMAGE_EXTENSIONS"]
+           "class_folder_names", "scan_class_folders", "check_images", "eval_transform",
+           "ImageDecodeError", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -113,6 +113,13 @@ def _images_in(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def class_folder_names(folder: str | Path) -> list[str]:
+    """The sorted class folder names of one ImageFolder split (hidden folders skipped),
+    without listing the images."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir()
+                  and not p.name.startswith("."))
+
+
 def scan_class_folders(folder: str | Path) -> tuple[list[str], dict[str, list[Path]]]:
     """One split of an ImageFolder tree: ``folder/<class>/<image>``.
 
@@ -122,8 +129,7 @@ def scan_class_folders(folder: str | Path) -> tuple[list[str], dict[str, list[Pa
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder not found: '{folder}'")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()
-                     and not p.name.startswith("."))
+    classes = class_folder_names(folder)
     if not classes:
         raise ValueError(
             f"'{folder}' has no class folders (expected {folder}/<class>/<image>)"

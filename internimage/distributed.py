@@ -358,6 +358,7 @@ def memory_report(cfg: dict[str, Any], world: int) -> str:
     with the config's optimizer and parameter groups."""
     from timm.optim import create_optimizer_v2
 
+    from internimage.data import class_folder_names
     from internimage.factory import build_model
     from internimage.train import build_param_groups
 
@@ -368,7 +369,7 @@ def memory_report(cfg: dict[str, Any], world: int) -> str:
     if num_classes is None and dcfg["dir"] is None:
         num_classes = 10  # the embedded digits
     elif num_classes is None and (Path(dcfg["dir"]) / "train").is_dir():
-        num_classes = sum(p.is_dir() for p in (Path(dcfg["dir"]) / "train").iterdir())
+        num_classes = len(class_folder_names(Path(dcfg["dir"]) / "train"))
     kwargs = dict(mcfg["kwargs"])
     if mcfg["drop_path_rate"] is not None:
         kwargs.setdefault("drop_path_rate", mcfg["drop_path_rate"])
